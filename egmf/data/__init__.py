@@ -1,0 +1,1 @@
+"""Streaming data: WebDataset shards -> batches for training and evaluation (see loader.py)."""

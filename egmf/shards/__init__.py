@@ -1,0 +1,1 @@
+"""Shard format, builder and demo data: everything that writes WebDataset shards."""

@@ -1,0 +1,180 @@
+"""`python -m egmf.shards`: build shards from public releases, build the demo, inspect shards.
+
+    python -m egmf.shards build --format mmsa --dataset mosei --input unaligned_50.pkl --out data/shards
+    python -m egmf.shards build --format mse-adapter --dataset meld --input MELD_DIR --out data/shards
+    python -m egmf.shards demo --out shards/demo
+    python -m egmf.shards inspect data/shards [--verify]
+
+Everything runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+
+from egmf.datasets import get_spec
+from egmf.errors import DataError
+from egmf.shards.demo import build_demo
+from egmf.shards.manifest import SplitManifest, find_manifests
+from egmf.shards.sources import read_mmsa, read_mse_adapter
+from egmf.shards.writer import ShardLimits, write_split
+
+FORMATS = {"mmsa": ("mosei", "sims2"), "mse-adapter": ("meld", "cherma")}
+DEFAULT_SHARD_BYTES = 256 * 2**20
+
+
+def parse_size(text: str) -> int:
+    """'256MB', '1GiB', '500k', '4096' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MB or 1GiB")
+    number, unit, _ = match.groups()
+    return int(float(number) * 1024 ** "_kmgt".index(unit or "_"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m egmf.shards", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="convert a public release into shards")
+    build.add_argument("--format", required=True, choices=sorted(FORMATS))
+    build.add_argument("--dataset", required=True, choices=[d for names in FORMATS.values() for d in names])
+    build.add_argument("--input", required=True, help="the MMSA pickle, or the folder of *_train/valid/test.pkl")
+    build.add_argument("--out", required=True, help="shard root; writes OUT/DATASET/SPLIT/")
+    add_shard_size_args(build)
+    build.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        help="seed of the build-time shuffle of train (valid/test keep input order)",
+    )
+    build.add_argument("--label-map", help='JSON file {"raw label": "valid label"} for other label spellings')
+
+    demo = commands.add_parser("demo", help="write the synthetic demo sets")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-size", type=int, default=512)
+    demo.add_argument("--eval-size", type=int, default=128, help="samples in each of valid and test")
+    demo.add_argument("--shard-samples", type=int, default=64)
+
+    inspect = commands.add_parser("inspect", help="summarise the shards under a root")
+    inspect.add_argument("root")
+    inspect.add_argument("--verify", action="store_true", help="also check each shard's size and sha256")
+    return parser
+
+
+def add_shard_size_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard-samples", type=int, help="at most this many samples per shard")
+    parser.add_argument(
+        "--shard-bytes",
+        type=parse_size,
+        help="at most this many bytes per shard (default 256MB when --shard-samples is not given)",
+    )
+
+
+def run_build(args: argparse.Namespace) -> list[SplitManifest]:
+    if args.dataset not in FORMATS[args.format]:
+        raise DataError(
+            f"--dataset {args.dataset} is not in the {args.format} format; "
+            f"{args.format} holds {', '.join(FORMATS[args.format])}"
+        )
+    label_map = None
+    if args.label_map:
+        with open(args.label_map, encoding="utf-8") as f:
+            label_map = json.load(f)
+    spec = get_spec(args.dataset)
+    splits = read_mmsa(args.input) if args.format == "mmsa" else read_mse_adapter(args.input, args.dataset)
+    limits = ShardLimits(args.shard_samples, args.shard_bytes or (None if args.shard_samples else DEFAULT_SHARD_BYTES))
+    source = {"format": args.format, "input": os.path.abspath(args.input)}
+    return [
+        write_split(
+            records,
+            spec,
+            split,
+            args.out,
+            limits,
+            source,
+            shuffle_seed=args.shuffle_seed if split == "train" else None,
+            label_map=label_map,
+        )
+        for split, records in splits.items()
+    ]
+
+
+def build_summary(manifests: list[SplitManifest]) -> str:
+    lines = []
+    for m in manifests:
+        fixes = {k: v for k, v in m.build_report.items() if k != "samples" and v}
+        fixed = ", ".join(f"{k}={v}" for k, v in fixes.items()) or "nothing to fix"
+        lines.append(
+            f"{m.dataset}/{m.split}: {m.num_samples} samples in {len(m.shards)} shard(s) -> {m.location}; "
+            f"cleaning: {fixed}"
+        )
+    return "\n".join(lines)
+
+
+def inspect_report(root: str, verify: bool = False) -> str:
+    manifests = find_manifests(root)
+    if not manifests:
+        raise DataError(f"no manifest.json under {root}; build shards first (python -m egmf.shards build/demo)")
+    lines = []
+    for m in manifests:
+        size = sum(s.num_bytes for s in m.shards)
+        lines.append(f"== {m.dataset}/{m.split}  ({m.lang}, {m.task})")
+        lines.append(f"   samples {m.num_samples}  shards {len(m.shards)}  bytes {size}")
+        lines.append(f"   dims    audio {m.audio_dim}  vision {m.vision_dim}")
+        if m.task == "classification":
+            lines.append("   labels  " + "  ".join(f"{name}={count}" for name, count in m.label_stats.items()))
+        else:
+            s = m.label_stats
+            lines.append(f"   range   [{s['min']}, {s['max']}] of {m.label_range}  mean {s['mean']}  std {s['std']}")
+        for modality, s in m.length_stats.items():
+            lines.append(
+                f"   {modality:<7} frames min {s['min']} p50 {s['p50']:g} p90 {s['p90']:g} "
+                f"p99 {s['p99']:g} max {s['max']}"
+            )
+        fixes = {k: v for k, v in m.build_report.items() if k != "samples" and v}
+        if fixes:
+            lines.append("   fixed   " + "  ".join(f"{k}={v}" for k, v in fixes.items()))
+        if verify:
+            lines.append("   verify  " + verify_shards(m))
+    return "\n".join(lines)
+
+
+def verify_shards(manifest: SplitManifest) -> str:
+    problems = []
+    for index, shard in enumerate(manifest.shards):
+        path = manifest.shard_url(index)
+        if not os.path.isfile(path):
+            problems.append(f"{shard.name} missing")
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if os.path.getsize(path) != shard.num_bytes or digest.hexdigest() != shard.sha256:
+            problems.append(f"{shard.name} differs from the manifest (size or sha256)")
+    return "ok" if not problems else "FAILED: " + "; ".join(problems)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            print(build_summary(run_build(args)))
+        elif args.command == "demo":
+            sizes = {"train": args.train_size, "valid": args.eval_size, "test": args.eval_size}
+            print(build_summary(build_demo(args.out, sizes, args.seed, args.shard_samples)))
+        else:
+            report = inspect_report(args.root, args.verify)
+            print(report)
+            return 1 if "FAILED" in report else 0
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

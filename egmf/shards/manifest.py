@@ -1,0 +1,137 @@
+"""The per-split manifest: `ROOT/DATASET/SPLIT/manifest.json`.
+
+It is written last, after every shard of the split is complete, so a split
+without a manifest is an unfinished build. Loaders size epochs and validate
+samples from it; `inspect` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from egmf.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "egmf-shards"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitManifest:
+    dataset: str
+    split: str
+    lang: str
+    task: str
+    num_samples: int
+    audio_dim: int
+    vision_dim: int
+    shards: list[ShardInfo]
+    labels: list[str] = field(default_factory=list)
+    """Class names (classification); empty for regression."""
+    label_range: list[float] | None = None
+    """[lo, hi] of the dataset's scores (regression)."""
+    label_stats: dict = field(default_factory=dict)
+    """Histogram {class: count} for classification; min/max/mean/std for regression."""
+    length_stats: dict = field(default_factory=dict)
+    """Per modality: min, p50, p90, p99, max, mean of frame counts."""
+    build_report: dict = field(default_factory=dict)
+    """What the builder fixed: non-finite values zeroed, values clipped, etc."""
+    source: dict = field(default_factory=dict)
+    location: str = ""
+    """Where this manifest was read from (a directory or URL prefix); not stored."""
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    def shard_url(self, index: int) -> str:
+        return join_location(self.location, self.shards[index].name)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        del data["location"]
+        return json.dumps(data, ensure_ascii=False, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, location: str) -> SplitManifest:
+        where = join_location(location, MANIFEST_NAME)
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
+                raise DataError(
+                    f"{where} is not an {FORMAT_NAME} v{FORMAT_VERSION} manifest "
+                    f"(format={data.get('format')!r}, version={data.get('version')!r}); rebuild the shards "
+                    "with `python -m egmf.shards build ...`"
+                )
+            data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
+            manifest = cls(**data, location=location)
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+            raise DataError(f"{where} is not a valid manifest ({exc}); rebuild the split") from None
+        if sum(s.num_samples for s in manifest.shards) != manifest.num_samples or any(
+            s.num_samples < 1 for s in manifest.shards
+        ):
+            raise DataError(f"{where}: shard sample counts do not add up to num_samples; rebuild the split")
+        return manifest
+
+
+def join_location(location: str, name: str) -> str:
+    if is_url(location):
+        return f"{location.rstrip('/')}/{name}"
+    return os.path.join(location, name)
+
+
+def is_url(location: str) -> bool:
+    """True for what webdataset's gopen opens (http://, pipe:, ...), False for a local path."""
+    return "://" in location or location.startswith("pipe:")
+
+
+def split_location(root: str, dataset: str, split: str) -> str:
+    return join_location(join_location(root, dataset), split)
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a local path or any URL webdataset can open (http, pipe:, ...)."""
+    if not is_url(url):
+        with open(url, "rb") as f:
+            return f.read()
+    from webdataset.gopen import gopen
+
+    with gopen(url, "rb") as stream:
+        return stream.read()
+
+
+def load_manifest(root: str, dataset: str, split: str) -> SplitManifest:
+    """Read ROOT/DATASET/SPLIT/manifest.json, or a DataError that says how to create it."""
+    location = split_location(root, dataset, split)
+    where = join_location(location, MANIFEST_NAME)
+    try:
+        text = read_bytes(where).decode("utf-8")
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"no shards for {dataset}/{split}: cannot read {where} ({exc}). Build them with "
+            f"`python -m egmf.shards build ... --out {root}` (or `python -m egmf.shards demo --out {root}` "
+            "for the demo sets)"
+        ) from None
+    manifest = SplitManifest.from_json(text, location)
+    if (manifest.dataset, manifest.split) != (dataset, split):
+        raise DataError(f"{where} describes {manifest.dataset}/{manifest.split}, expected {dataset}/{split}")
+    return manifest
+
+
+def find_manifests(root: str) -> list[SplitManifest]:
+    """Every split under a local shard root, sorted by dataset then split order."""
+    order = {"train": 0, "valid": 1, "test": 2}
+    found = []
+    for dirpath, _, filenames in os.walk(root):
+        if MANIFEST_NAME in filenames:
+            with open(os.path.join(dirpath, MANIFEST_NAME), encoding="utf-8") as f:
+                found.append(SplitManifest.from_json(f.read(), dirpath))
+    return sorted(found, key=lambda m: (m.dataset, order.get(m.split, 9), m.split))

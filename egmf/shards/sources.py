@@ -1,0 +1,107 @@
+"""Readers for the public processed releases (DESIGN.md §3).
+
+These are Python pickles, so they are read only here, by the offline builder,
+from files the user names; shards and the training loader never unpickle.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+
+from egmf.errors import DataError
+from egmf.shards.writer import RawRecord
+
+MMSA_SPLITS = ("train", "valid", "test")
+MMSA_REQUIRED = ("raw_text", "audio", "vision", "id", "regression_labels")
+
+
+def load_trusted_pickle(path: str):
+    """Unpickle a user-named release file (pickle can run code: only for trusted files)."""
+    if not os.path.isfile(path):
+        raise DataError(f"input file {path} does not exist; pass the path of the release pickle with --input")
+    with open(path, "rb") as f:
+        try:
+            return pickle.load(f)
+        except Exception as exc:
+            raise DataError(f"{path} is not a readable pickle ({type(exc).__name__}: {exc})") from None
+
+
+def read_mmsa(path: str) -> dict[str, list[RawRecord]]:
+    """MOSEI / SIMS-V2 in the MMSA layout: one pickle {split: {field: array[N, ...]}}."""
+    data = load_trusted_pickle(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a dict with {', '.join(MMSA_SPLITS)}, got {type(data).__name__}")
+    splits = {}
+    for split in MMSA_SPLITS:
+        if split not in data:
+            raise DataError(f"{path}: split {split!r} is missing (found {sorted(data)}); is this an MMSA-layout file?")
+        splits[split] = _mmsa_split(data[split], f"{path} [{split}]")
+    return splits
+
+
+def _mmsa_split(fields: dict, where: str) -> list[RawRecord]:
+    missing = [name for name in MMSA_REQUIRED if name not in fields]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)}; MMSA splits need {', '.join(MMSA_REQUIRED)}")
+    labels = np.asarray(fields["regression_labels"]).reshape(-1)
+    count = len(labels)
+    for name in ("raw_text", "audio", "vision", "id", "audio_lengths", "vision_lengths"):
+        if name in fields and len(fields[name]) != count:
+            raise DataError(f"{where}: field {name!r} has {len(fields[name])} entries but there are {count} labels")
+    audio_lengths = fields.get("audio_lengths")
+    vision_lengths = fields.get("vision_lengths")
+    return [
+        RawRecord(
+            id=str(fields["id"][i]),
+            text=fields["raw_text"][i],
+            label=float(labels[i]),
+            audio=fields["audio"][i],
+            vision=fields["vision"][i],
+            audio_len=None if audio_lengths is None else int(audio_lengths[i]),
+            vision_len=None if vision_lengths is None else int(vision_lengths[i]),
+        )
+        for i in range(count)
+    ]
+
+
+def mse_adapter_path(input_dir: str, dataset: str, split: str) -> str:
+    names = [f"{dataset}_{split}.pkl"] + ([f"{dataset}_dev.pkl"] if split == "valid" else [])
+    for name in names:
+        if os.path.isfile(os.path.join(input_dir, name)):
+            return os.path.join(input_dir, name)
+    raise DataError(f"{input_dir}: no {' or '.join(names)}; the MSE-Adapter layout has {dataset}_train/valid/test.pkl")
+
+
+def read_mse_adapter(input_dir: str, dataset: str) -> dict[str, list[RawRecord]]:
+    """MELD / CHERMA in the MSE-Adapter layout: one pickle per split, a list of dicts."""
+    splits = {}
+    for split in MMSA_SPLITS:
+        path = mse_adapter_path(input_dir, dataset, split)
+        items = load_trusted_pickle(path)
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a list of samples, got {type(items).__name__}")
+        splits[split] = [_mse_adapter_record(item, i, dataset, split, path) for i, item in enumerate(items)]
+    return splits
+
+
+def _mse_adapter_record(item: object, index: int, dataset: str, split: str, path: str) -> RawRecord:
+    sid = str(item.get("id", f"{dataset}_{split}_{index:05d}")) if isinstance(item, dict) else f"#{index}"
+    where = f"{path} sample {sid!r} (index {index})"
+    if not isinstance(item, dict) or not isinstance(item.get("features"), dict) or "label" not in item:
+        raise DataError(f"{where}: expected {{'features': {{...}}, 'label': str}}; this is not the MSE-Adapter layout")
+    features = item["features"]
+    missing = [name for name in ("text", "audio", "video") if name not in features]
+    if missing:
+        raise DataError(f"{where}: features lack {', '.join(missing)}; each sample needs text, audio and video")
+    return RawRecord(
+        id=sid,
+        text=features["text"],
+        label=item["label"],
+        audio=features["audio"],
+        vision=features["video"],
+        audio_len=features.get("audio_len"),
+        vision_len=features.get("video_len"),
+    )
