@@ -59,6 +59,8 @@ class EvalStream(IterableDataset):
                 batch = []
         if batch:
             yield self._collate(batch, worker, bad)
+        # The final count, also from a worker whose samples were all bad and made no batch.
+        yield {"worker": worker, "bad_samples": bad.count}
 
     def _samples(self, start: int, end: int, bad: BadSamples):
         """Raw samples with global index in [start, end), in manifest order."""

@@ -192,11 +192,14 @@ class EvalLoader:
             num_workers=self.cfg.num_workers,
         )
         count = 0
-        for batch in make_dataloader(stream, self.cfg):
-            state, batch.loader_state = batch.loader_state, None
+        for item in make_dataloader(stream, self.cfg):
+            if isinstance(item, dict):  # a worker's final bad-sample count, not a batch
+                self.bad.update(item)
+                continue
+            state, item.loader_state = item.loader_state, None
             self.bad.update(state)
             count += 1
-            yield batch
+            yield item
         for _ in range(count, self.steps):
             yield padding_batch(self.manifest)
 

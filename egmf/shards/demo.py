@@ -8,15 +8,15 @@ the embedded default for the main job and the tests. The planting, exactly
 - Background: every feature value is i.i.d. N(0, 1). Audio has La ~ U{24..64}
   frames, vision Lv ~ U{8..24} frames (dims: en audio 16 / vision 12, zh 12 / 20).
 - Each set draws two audio patterns A0, A1 and two vision patterns V0, V1
-  (orthonormal pairs). One *event* is added per modality: pattern x strength on 3
-  audio frames around round(p_a * La) and 2 vision frames around round(p_v * Lv),
+  (orthonormal pairs). One *event* is added per modality: pattern x strength on the
+  3 consecutive frames centred on frame round(p * (L - 1)) of that modality,
   with p_a, p_v ~ U(0.1, 0.9) redrawn until |p_a - p_v| >= 0.25.
   `audio_first` = p_a < p_v: the relative timing of the two events.
 - Classification: audio pattern a and vision pattern v are fair coin flips, both
   events have strength 5; class index = 2 * (a XOR v) + audio_first over
   (neutral, joy, sadness, anger). Either modality alone is at chance on the XOR.
 - Regression: alpha ~ U(0, 1); the audio event (strength 5) is A0 for polarity +1
-  or A1 for -1; the vision event is V0 with strength 2 + 4 * alpha;
+  or A1 for -1; the vision event is V0 with strength 3 + 9 * alpha;
   score = R * alpha * polarity * (+1 if audio_first else -1), rounded to one
   decimal, R = 3 (en) or 1 (zh). Audio alone gives the polarity but not the
   sign, vision alone the magnitude.
@@ -34,6 +34,7 @@ DIMS = {"en": (16, 12), "zh": (12, 20)}
 AUDIO_FRAMES = (24, 64)
 VISION_FRAMES = (8, 24)
 EVENT_STRENGTH = 5.0
+EVENT_FRAMES = 3
 MIN_EVENT_GAP = 0.25
 
 TEXTS = {
@@ -80,11 +81,11 @@ def event_times(rng: np.random.Generator) -> tuple[float, float]:
             return float(p_a), float(p_v)
 
 
-def add_event(features: np.ndarray, pattern: np.ndarray, position: float, width: int, strength: float) -> None:
+def add_event(features: np.ndarray, pattern: np.ndarray, position: float, strength: float) -> None:
     num_frames = features.shape[0]
     center = int(round(position * (num_frames - 1)))
-    start = min(max(center - width // 2, 0), num_frames - width)
-    features[start : start + width] += strength * pattern
+    start = min(max(center - EVENT_FRAMES // 2, 0), num_frames - EVENT_FRAMES)
+    features[start : start + EVENT_FRAMES] += strength * pattern
 
 
 def make_record(rng: np.random.Generator, dataset: str, index: int, split: str, patterns: dict) -> RawRecord:
@@ -96,14 +97,14 @@ def make_record(rng: np.random.Generator, dataset: str, index: int, split: str, 
     audio_first = p_a < p_v
     if spec.task == CLASSIFICATION:
         a, v = rng.integers(0, 2, size=2)
-        add_event(audio, patterns["audio"][a], p_a, 3, EVENT_STRENGTH)
-        add_event(vision, patterns["vision"][v], p_v, 2, EVENT_STRENGTH)
+        add_event(audio, patterns["audio"][a], p_a, EVENT_STRENGTH)
+        add_event(vision, patterns["vision"][v], p_v, EVENT_STRENGTH)
         label: object = spec.labels[2 * int(a ^ v) + int(audio_first)]
     else:
         alpha = rng.uniform(0.0, 1.0)
         polarity = rng.integers(0, 2)  # 0 -> A0 (+1), 1 -> A1 (-1)
-        add_event(audio, patterns["audio"][polarity], p_a, 3, EVENT_STRENGTH)
-        add_event(vision, patterns["vision"][0], p_v, 2, 2.0 + 4.0 * alpha)
+        add_event(audio, patterns["audio"][polarity], p_a, EVENT_STRENGTH)
+        add_event(vision, patterns["vision"][0], p_v, 3.0 + 9.0 * alpha)
         sign = (1 - 2 * int(polarity)) * (1 if audio_first else -1)
         label = round(spec.label_range[1] * alpha * sign, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
     text = TEXTS[spec.lang][rng.integers(len(TEXTS[spec.lang]))]

@@ -1,0 +1,102 @@
+"""Shared fixtures: public-layout input files, demo shards, small custom splits."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from egmf.datasets import get_spec
+from egmf.shards.demo import build_demo, demo_patterns, make_record
+from egmf.shards.writer import ShardLimits, write_split
+
+MOSEI_DIMS = (74, 35)
+MELD_DIMS = (64, 64)
+
+
+def mmsa_split(rng: np.random.Generator, n: int, prefix: str, padded=(50, 20), dims=MOSEI_DIMS) -> dict:
+    """One split in the MMSA layout, with -inf in audio and NaN in vision as real files have."""
+    audio = rng.standard_normal((n, padded[0], dims[0])).astype(np.float32)
+    vision = rng.standard_normal((n, padded[1], dims[1])).astype(np.float32)
+    audio_lengths = rng.integers(5, padded[0] + 1, size=n)
+    vision_lengths = rng.integers(3, padded[1] + 1, size=n)
+    for i in range(n):  # zero padding after each length, as the release has
+        audio[i, audio_lengths[i] :] = 0
+        vision[i, vision_lengths[i] :] = 0
+    audio[0, 0, :3] = -np.inf
+    vision[0, 1, :2] = np.nan
+    audio[1, 0, 0] = np.inf
+    return {
+        "raw_text": np.array([f"utterance {prefix} {i}" for i in range(n)], dtype=object),
+        "audio": audio,
+        "vision": vision,
+        "id": np.array([f"vid{i // 3}_{i % 3}" for i in range(n)], dtype=object),
+        "regression_labels": np.round(rng.uniform(-3, 3, size=n), 3).astype(np.float32),
+        "audio_lengths": audio_lengths,
+        "vision_lengths": vision_lengths,
+        "text_bert": np.zeros((n, 3, 10), dtype=np.float32),  # present in real files, ignored
+        "classification_labels": np.zeros(n, dtype=np.float32),
+    }
+
+
+def write_mmsa(path: str, sizes=(12, 5, 6), seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    data = {split: mmsa_split(rng, n, split) for split, n in zip(("train", "valid", "test"), sizes, strict=True)}
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return data
+
+
+def mse_adapter_items(rng: np.random.Generator, n: int, labels: list[str], dims=MELD_DIMS) -> list[dict]:
+    items = []
+    for i in range(n):
+        audio_len, video_len = int(rng.integers(4, 30)), int(rng.integers(2, 10))
+        audio = rng.standard_normal((30, dims[0])).astype(np.float32)
+        video = rng.standard_normal((10, dims[1])).astype(np.float32)
+        if i == 0:
+            audio[0, :4] = -np.inf
+            video[0, :2] = np.nan
+        items.append(
+            {
+                "features": {
+                    "text": f"line {i}",
+                    "audio": audio,
+                    "video": video,
+                    "audio_len": audio_len,
+                    "video_len": video_len,
+                },
+                "label": labels[i % len(labels)],
+            }
+        )
+    return items
+
+
+def write_mse_adapter(folder: str, dataset: str, labels: list[str], sizes=(14, 4, 5), seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    data = {}
+    for split, n in zip(("train", "valid", "test"), sizes, strict=True):
+        data[split] = mse_adapter_items(rng, n, labels)
+        with open(os.path.join(folder, f"{dataset}_{split}.pkl"), "wb") as f:
+            pickle.dump(data[split], f)
+    return data
+
+
+def write_demo_split(root: str, dataset: str, split: str, num_samples: int, shard_samples: int, seed: int = 0):
+    """A split of a demo dataset with chosen size and shard size (last shard shorter)."""
+    rng = np.random.default_rng([seed, num_samples])
+    patterns = demo_patterns(dataset, seed)
+    records = [make_record(rng, dataset, i, split, patterns) for i in range(num_samples)]
+    return write_split(
+        records, get_spec(dataset), split, root, ShardLimits(max_samples=shard_samples), source={"format": "test"}
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> str:
+    """Small demo shards shared by the loader tests (read-only)."""
+    root = str(tmp_path_factory.mktemp("demo"))
+    build_demo(root, {"train": 96, "valid": 40, "test": 40}, seed=0, shard_samples=16)
+    return root

@@ -1,0 +1,142 @@
+"""Bad data at load time is skipped, counted and reported; past the limit, loading stops clearly."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from conftest import write_demo_split
+
+from egmf.data.config import DataConfig
+from egmf.data.loader import EvalLoader, TrainLoader
+from egmf.errors import DataError
+from egmf.shards.format import encode_npy
+
+
+def edit_members(path: str, edit) -> None:
+    """Rewrite a shard, passing each (name, bytes) through `edit` (return None to drop a member)."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            data = edit(name, data)
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def key(index: int) -> str:
+    return f"demo_cls_en_test_{index:07d}"
+
+
+def edit_json(data: bytes, **changes) -> bytes:
+    meta = json.loads(data)
+    meta.update(changes)
+    return json.dumps(meta).encode()
+
+
+@pytest.fixture
+def broken_split(tmp_path):
+    """20 test samples in 2 shards; five of them broken in different ways."""
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "test", 20, shard_samples=10)
+
+    def edit(name, data):
+        if name == f"{key(1)}.audio.npy":
+            return b"\x93NUMPY garbage"  # corrupt member
+        if name == f"{key(3)}.vision.npy":
+            array = np.load(io.BytesIO(data))
+            array[0, 0] = np.nan
+            return encode_npy(array)  # fails validation: NaN
+        if name == f"{key(5)}.json":
+            return edit_json(data, label="bored")  # unknown label
+        if name == f"{key(6)}.audio.npy":
+            return encode_npy(np.zeros((4, 15), np.float16))  # wrong feature dim
+        if name == f"{key(8)}.json":
+            return None  # missing member
+        return data
+
+    edit_members(manifest.shard_url(0), edit)
+    return root, manifest
+
+
+def valid_ids(loader) -> list[str]:
+    return [i for b in loader for i, ok in zip(b.ids, b.valid.tolist(), strict=True) if ok]
+
+
+def test_eval_skips_counts_and_reports_bad_samples(broken_split, caplog):
+    root, _ = broken_split
+    loader = EvalLoader(DataConfig(root=root, batch_size=4, num_workers=0), "demo_cls_en", "test")
+    with caplog.at_level(logging.WARNING, logger="egmf.data"):
+        ids = valid_ids(loader)
+    assert len(ids) == 15 and loader.bad_samples == 5
+    assert "demo_cls_en_test_00001" not in ids
+    for reason in (
+        "audio.npy is not a readable npy array",
+        "vision holds NaN or inf values",
+        "label 'bored' is not one of",
+        "audio has shape [4, 15], expected [L >= 1, 16]",
+        "missing member(s) json",
+    ):
+        assert reason in caplog.text
+    assert f"{key(3)}" in caplog.text and "sample #3" in caplog.text  # says where
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_truncated_and_missing_shards_are_counted(tmp_path, caplog, num_workers):
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "test", 30, shard_samples=10)
+    path = manifest.shard_url(1)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    os.remove(manifest.shard_url(2))
+    loader = EvalLoader(DataConfig(root=root, batch_size=4, num_workers=num_workers), "demo_cls_en", "test")
+    with caplog.at_level(logging.WARNING, logger="egmf.data"):
+        ids = valid_ids(loader)
+    # Shard 0 whole, the first part of shard 1; shard 2's 10 samples and the rest of shard 1 counted as bad.
+    assert 10 < len(ids) < 20 and len(ids) + loader.bad_samples == 30
+    if num_workers == 0:  # worker processes log to their own stderr, out of caplog's reach
+        assert "unreadable" in caplog.text or "ends after" in caplog.text
+        assert "No such file" in caplog.text
+
+
+def test_too_many_bad_samples_stop_with_a_clear_error(broken_split):
+    root, _ = broken_split
+    with pytest.raises(DataError, match=r"more than data.max_bad_samples=3.*inspect ROOT --verify"):
+        list(EvalLoader(DataConfig(root=root, batch_size=4, num_workers=0, max_bad_samples=3), "demo_cls_en", "test"))
+
+
+def test_training_worker_stops_past_the_limit(tmp_path):
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "train", 12, shard_samples=6)
+    for index in range(len(manifest.shards)):
+        edit_members(
+            manifest.shard_url(index),
+            lambda name, data: edit_json(data, task="regression") if name.endswith(".json") else data,
+        )
+    cfg = DataConfig(root=root, train={"demo_cls_en": 1.0}, batch_size=2, num_workers=1, max_bad_samples=4)
+    with pytest.raises(DataError, match="task is 'regression', the manifest says 'classification'"):
+        list(TrainLoader(cfg))
+
+
+def test_training_skips_a_few_bad_samples(tmp_path):
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "train", 20, shard_samples=10)
+    broken = "demo_cls_en_train_0000004"
+    edit_members(manifest.shard_url(0), lambda name, data: b"junk" if name == f"{broken}.json" else data)
+    cfg = DataConfig(root=root, train={"demo_cls_en": 1.0}, batch_size=2, num_workers=1, samples_per_epoch=200)
+    loader = TrainLoader(cfg)
+    ids = [i for batch in loader for i in batch.ids]
+    assert len(ids) == 200 and "demo_cls_en_train_00004" not in ids
+    assert loader.bad_samples >= 1  # each pass over shard 0 meets it once
+
+
+def test_missing_manifest_says_how_to_build(tmp_path):
+    with pytest.raises(DataError, match=r"no shards for demo_cls_en/train.*python -m egmf.shards demo --out"):
+        TrainLoader(DataConfig(root=str(tmp_path)))
