@@ -134,7 +134,7 @@ def test_builds_are_byte_identical_and_atomic(tmp_path):
 def test_rebuild_replaces_a_split_whole(tmp_path):
     write_mmsa(str(tmp_path / "in.pkl"), sizes=(12, 5, 6))
     out = str(tmp_path / "out")
-    args = ["build", "--format", "mmsa", "--dataset", "mosei", "--input", str(tmp_path / "in.pkl"), "--out", out]
+    args = mmsa_args(tmp_path / "in.pkl", out)
     shards_main(args + ["--shard-samples", "2"])
     shards_main(args + ["--shard-samples", "6"])
     assert sorted(os.listdir(os.path.join(out, "mosei", "train"))) == [
@@ -150,6 +150,10 @@ def expect_error(capsys, argv: list[str], *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in message, message
     return message
+
+
+def mmsa_args(input_file, out, dataset="mosei"):
+    return ["build", "--format", "mmsa", "--dataset", dataset, "--input", str(input_file), "--out", str(out)]
 
 
 def mse_args(folder, out, dataset="meld"):
@@ -204,17 +208,7 @@ def test_empty_text(tmp_path, capsys):
     rewrite(tmp_path / "in.pkl", lambda d: d["test"]["raw_text"].__setitem__(3, "  "))
     expect_error(
         capsys,
-        [
-            "build",
-            "--format",
-            "mmsa",
-            "--dataset",
-            "mosei",
-            "--input",
-            str(tmp_path / "in.pkl"),
-            "--out",
-            str(tmp_path / "out"),
-        ],
+        mmsa_args(tmp_path / "in.pkl", tmp_path / "out"),
         "mosei/test sample 'vid1_0'",
         "empty or missing text",
     )
@@ -225,17 +219,7 @@ def test_missing_fields(tmp_path, capsys):
     rewrite(tmp_path / "in.pkl", lambda d: d["valid"].pop("vision"))
     expect_error(
         capsys,
-        [
-            "build",
-            "--format",
-            "mmsa",
-            "--dataset",
-            "mosei",
-            "--input",
-            str(tmp_path / "in.pkl"),
-            "--out",
-            str(tmp_path / "out"),
-        ],
+        mmsa_args(tmp_path / "in.pkl", tmp_path / "out"),
         "[valid]",
         "missing field(s) vision",
     )
@@ -252,17 +236,7 @@ def test_missing_fields(tmp_path, capsys):
 def test_bad_lengths_and_ranges(tmp_path, capsys):
     write_mmsa(str(tmp_path / "in.pkl"))
     rewrite(tmp_path / "in.pkl", lambda d: d["train"]["audio_lengths"].__setitem__(4, 99))
-    argv = [
-        "build",
-        "--format",
-        "mmsa",
-        "--dataset",
-        "mosei",
-        "--input",
-        str(tmp_path / "in.pkl"),
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    argv = mmsa_args(tmp_path / "in.pkl", tmp_path / "out")
     expect_error(capsys, argv, "audio length 99 is outside [0, 50]")
     write_mmsa(str(tmp_path / "in.pkl"))  # MOSEI scores do not fit SIMS-V2's range
     expect_error(capsys, argv[:4] + ["sims2"] + argv[5:], "outside sims2's range [-1.0, 1.0]")
@@ -271,17 +245,7 @@ def test_bad_lengths_and_ranges(tmp_path, capsys):
 def test_missing_inputs(tmp_path, capsys):
     expect_error(
         capsys,
-        [
-            "build",
-            "--format",
-            "mmsa",
-            "--dataset",
-            "mosei",
-            "--input",
-            str(tmp_path / "nope.pkl"),
-            "--out",
-            str(tmp_path),
-        ],
+        mmsa_args(tmp_path / "nope.pkl", tmp_path),
         "does not exist",
     )
     expect_error(capsys, mse_args(tmp_path, tmp_path / "out"), "no meld_train.pkl")
@@ -295,22 +259,7 @@ def test_missing_inputs(tmp_path, capsys):
 def test_zero_length_keeps_one_frame(tmp_path):
     write_mmsa(str(tmp_path / "in.pkl"))
     rewrite(tmp_path / "in.pkl", lambda d: d["valid"]["vision_lengths"].__setitem__(0, 0))
-    assert (
-        shards_main(
-            [
-                "build",
-                "--format",
-                "mmsa",
-                "--dataset",
-                "mosei",
-                "--input",
-                str(tmp_path / "in.pkl"),
-                "--out",
-                str(tmp_path / "out"),
-            ]
-        )
-        == 0
-    )
+    assert shards_main(mmsa_args(tmp_path / "in.pkl", tmp_path / "out")) == 0
     manifest, samples = read_split(str(tmp_path / "out"), "mosei", "valid")
     assert manifest.build_report["vision_zero_length_samples"] == 1
     assert samples[0].vision.shape == (1, 35) and not samples[0].vision.any()

@@ -10,6 +10,7 @@ import subprocess
 import tarfile
 
 import numpy as np
+import pytest
 import webdataset as wds
 
 from egmf.shards.cli import main as shards_main
@@ -72,3 +73,24 @@ def test_inspect_verify_catches_a_changed_shard(tmp_path, capsys):
         f.write(b"X")
     assert shards_main(["inspect", str(tmp_path), "--verify"]) == 1
     assert "FAILED: demo_cls_en-test-000000.tar differs from the manifest" in capsys.readouterr().out
+
+
+def test_fast_npy_decode_matches_np_load_and_never_unpickles():
+    from egmf.shards.format import decode_npy, encode_npy
+
+    rng = np.random.default_rng(0)
+    for array in (
+        rng.standard_normal((7, 3)).astype(np.float16),
+        np.zeros((1, 1), np.float32),
+        np.arange(24, dtype=np.int64).reshape(2, 3, 4),
+        np.asfortranarray(np.ones((3, 2), np.float16)),
+    ):
+        decoded = decode_npy(encode_npy(array))  # fast path or np.load fallback
+        assert decoded.dtype == array.dtype and np.array_equal(decoded, array)
+    truncated = encode_npy(np.ones((4, 4), np.float16))[:-2]
+    with pytest.raises(ValueError):
+        decode_npy(truncated)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        decode_npy(buffer.getvalue())

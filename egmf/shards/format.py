@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,10 +74,32 @@ def decode_sample(members: dict[str, bytes]) -> Sample:
     arrays = {}
     for modality in MODALITIES:
         try:
-            arrays[modality] = np.load(io.BytesIO(members[f"{modality}.npy"]), allow_pickle=False)
+            arrays[modality] = decode_npy(members[f"{modality}.npy"])
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{modality}.npy is not a readable npy array ({exc})") from None
     return Sample(meta, arrays["audio"], arrays["vision"])
+
+
+# The header np.save writes for a C-ordered 2-D float array, as the builder writes them.
+_SIMPLE_NPY_HEADER = re.compile(rb"\{'descr': '(<f[248])', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n")
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Decode an npy member (read-only result); never unpickles.
+
+    Fast path for the simple header the builder writes (np.load parses headers with
+    ast.literal_eval, which costs more than the rest of decoding); anything else
+    goes through np.load with allow_pickle=False.
+    """
+    if data[:8] == b"\x93NUMPY\x01\x00":
+        header_end = 10 + int.from_bytes(data[8:10], "little")
+        match = _SIMPLE_NPY_HEADER.fullmatch(data, 10, header_end)
+        if match:
+            dtype = np.dtype(match[1].decode())
+            shape = (int(match[2]), int(match[3]))
+            if len(data) - header_end == shape[0] * shape[1] * dtype.itemsize:
+                return np.frombuffer(data, dtype, offset=header_end).reshape(shape)
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def check_sample(sample: Sample, manifest: SplitManifest) -> None:
@@ -110,5 +133,7 @@ def check_features(array: np.ndarray, modality: str, dim: int) -> None:
         raise DataError(f"{modality} has dtype {array.dtype}, expected float16")
     if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] != dim:
         raise DataError(f"{modality} has shape {list(array.shape)}, expected [L >= 1, {dim}]")
-    if not np.isfinite(array).all():
+    # NaN and inf are the float16 values whose exponent bits are all ones; testing the bits
+    # as integers is about 3x faster than np.isfinite on float16.
+    if ((array.view(np.uint16) & 0x7C00) == 0x7C00).any():
         raise DataError(f"{modality} holds NaN or inf values")

@@ -1,0 +1,148 @@
+"""Loader throughput: the full training loader against the ceiling of plain tar iteration.
+
+    python bench/loader.py                      # 2000 MOSEI-shaped samples, workers 0/1/2
+    python bench/loader.py --samples 64 --workers 0,1   # a quick look
+
+Writes synthetic MOSEI-shaped shards (audio L ~ U{100..500} x 74, vision
+L ~ U{75..375} x 35, float16, as the builder writes them), then reads them
+(a) with plain tarfile iteration, no decoding (the ceiling, one process), and
+(b) with `TrainLoader` (resampling, decode, validate, collate) for each worker
+count, one epoch of the same number of samples. Prints one table. Page cache is
+warm for both: the shards were just written and are read once before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+from egmf.data.config import DataConfig
+from egmf.data.loader import TrainLoader
+from egmf.datasets import get_spec
+from egmf.shards.writer import RawRecord, ShardLimits, write_split
+
+
+def mosei_records(num_samples: int, seed: int = 0) -> list[RawRecord]:
+    rng = np.random.default_rng(seed)
+    return [
+        RawRecord(
+            id=f"bench_{i:06d}",
+            text="a synthetic utterance",
+            label=round(float(rng.uniform(-3, 3)), 1),
+            audio=rng.standard_normal((int(rng.integers(100, 501)), 74), dtype=np.float32),
+            vision=rng.standard_normal((int(rng.integers(75, 376)), 35), dtype=np.float32),
+        )
+        for i in range(num_samples)
+    ]
+
+
+def plain_tar_pass(paths: list[str]) -> tuple[int, int]:
+    """(samples, bytes) of one pass reading every member's bytes with tarfile."""
+    samples = num_bytes = 0
+    for path in paths:
+        with tarfile.open(path, mode="r|") as tar:
+            for info in tar:
+                data = tar.extractfile(info).read()
+                num_bytes += len(data)
+                samples += info.name.endswith(".json")
+                tar.members = []
+    return samples, num_bytes
+
+
+def loader_pass(root: str, num_samples: int, workers: int, batch_size: int) -> int:
+    cfg = DataConfig(
+        root=root,
+        train={"mosei": 1.0},
+        batch_size=batch_size,
+        num_workers=workers,
+        samples_per_epoch=num_samples,
+        max_audio_frames=500,
+        max_vision_frames=375,
+    )
+    return sum(len(batch) for batch in TrainLoader(cfg))
+
+
+def peak_rss_mib(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def run(num_samples: int, worker_counts: list[int], batch_size: int, shard_samples: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as root:
+        manifest = write_split(
+            mosei_records(num_samples),
+            get_spec("mosei"),
+            "train",
+            root,
+            ShardLimits(max_samples=shard_samples),
+            source={"format": "bench"},
+        )
+        paths = [manifest.shard_url(i) for i in range(len(manifest.shards))]
+        total_bytes = sum(s.num_bytes for s in manifest.shards)
+        plain_tar_pass(paths)  # warm the page cache
+        start = time.perf_counter()
+        samples, _ = plain_tar_pass(paths)
+        ceiling = samples / (time.perf_counter() - start)
+        rows = [
+            {
+                "reader": "plain tar (ceiling)",
+                "workers": "-",
+                "samples_s": ceiling,
+                "mb_s": ceiling * total_bytes / num_samples / 2**20,
+                "ratio": 1.0,
+            }
+        ]
+        for workers in worker_counts:
+            start = time.perf_counter()
+            samples = loader_pass(root, num_samples, workers, batch_size)
+            rate = samples / (time.perf_counter() - start)
+            rows.append(
+                {
+                    "reader": "TrainLoader",
+                    "workers": str(workers),
+                    "samples_s": rate,
+                    "mb_s": rate * total_bytes / num_samples / 2**20,
+                    "ratio": rate / ceiling,
+                }
+            )
+    for row in rows:
+        row["rss_main"] = peak_rss_mib(resource.RUSAGE_SELF)
+        row["rss_worker"] = peak_rss_mib(resource.RUSAGE_CHILDREN)
+    return rows
+
+
+def format_table(rows: list[dict], num_samples: int, batch_size: int) -> str:
+    lines = [
+        f"MOSEI-shaped samples: {num_samples}, batch {batch_size}, cpus {os.cpu_count()}",
+        "| reader | workers | samples/s | MB/s | x ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['reader']} | {r['workers']} | {r['samples_s']:.0f} | {r['mb_s']:.0f} | {r['ratio']:.2f} |" for r in rows
+    ]
+    lines.append(
+        f"peak RSS: main process {rows[-1]['rss_main']:.0f} MiB, largest worker {rows[-1]['rss_worker']:.0f} MiB"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shard-samples", type=int, default=250)
+    args = parser.parse_args(argv)
+    rows = run(args.samples, [int(w) for w in args.workers.split(",")], args.batch_size, args.shard_samples)
+    print(format_table(rows, args.samples, args.batch_size))
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
