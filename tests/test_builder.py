@@ -28,24 +28,7 @@ def read_split(root: str, dataset: str, split: str):
 def test_mmsa_build_cleans_trims_and_reads_back(tmp_path, capsys):
     data = write_mmsa(str(tmp_path / "mosei.pkl"))
     out = str(tmp_path / "shards")
-    assert (
-        shards_main(
-            [
-                "build",
-                "--format",
-                "mmsa",
-                "--dataset",
-                "mosei",
-                "--input",
-                str(tmp_path / "mosei.pkl"),
-                "--out",
-                out,
-                "--shard-samples",
-                "5",
-            ]
-        )
-        == 0
-    )
+    assert shards_main(mmsa_args(tmp_path / "mosei.pkl", out) + ["--shard-samples", "5"]) == 0
     assert "audio_nonfinite_zeroed" in capsys.readouterr().out
 
     for split in ("train", "valid", "test"):
@@ -104,24 +87,7 @@ def test_builds_are_byte_identical_and_atomic(tmp_path):
     sums = []
     for name in ("a", "b"):
         out = str(tmp_path / name)
-        assert (
-            shards_main(
-                [
-                    "build",
-                    "--format",
-                    "mmsa",
-                    "--dataset",
-                    "mosei",
-                    "--input",
-                    str(tmp_path / "in.pkl"),
-                    "--out",
-                    out,
-                    "--shard-bytes",
-                    "40k",
-                ]
-            )
-            == 0
-        )
+        assert shards_main(mmsa_args(tmp_path / "in.pkl", out) + ["--shard-bytes", "40k"]) == 0
         sums.append([s.sha256 for s in load_manifest(out, "mosei", "train").shards])
         leftovers = [f for _, dirs, files in os.walk(out) for f in dirs + files if "partial" in f or f.startswith(".")]
         assert leftovers == []

@@ -117,21 +117,13 @@ class TrainStream(IterableDataset):
         snapshot = self.snapshots.get(virtual)
         if snapshot is None:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, virtual, self.reseed])
-            return _WorkerState(
-                virtual, rng, BadSamples(self.settings.max_bad_samples), self, [[]] * len(self.manifests)
-            )
+            return _WorkerState(self, virtual, rng, batches=0, bad_samples=0, positions=[[]] * len(self.manifests))
         assert snapshot["batches"] == first, (snapshot["batches"], first)
         rng = np.random.default_rng()
         rng.bit_generator.state = snapshot["rng"]
-        state = _WorkerState(
-            virtual,
-            rng,
-            BadSamples(self.settings.max_bad_samples, snapshot["bad_samples"]),
-            self,
-            snapshot["open_shards"],
+        return _WorkerState(
+            self, virtual, rng, snapshot["batches"], snapshot["bad_samples"], positions=snapshot["open_shards"]
         )
-        state.batches = first
-        return state
 
     def _next_batch(self, state: _WorkerState) -> Batch:
         source = int(state.rng.choice(len(self.manifests), p=self.weights))
@@ -149,17 +141,21 @@ class TrainStream(IterableDataset):
 
 
 class _WorkerState:
+    """What one worker carries from batch to batch; `snapshot()` is all of it, JSON-able."""
+
     def __init__(
         self,
+        stream: TrainStream,
         virtual: int,
         rng: np.random.Generator,
-        bad: BadSamples,
-        stream: TrainStream,
+        batches: int,
+        bad_samples: int,
         positions: list[list[list[int]]],
     ):
-        self.virtual, self.rng, self.bad, self.batches = virtual, rng, bad, 0
+        self.virtual, self.rng, self.batches = virtual, rng, batches
+        self.bad = BadSamples(stream.settings.max_bad_samples, bad_samples)
         self.interleavers = [
-            ShardInterleaver(manifest, stream.settings.open_shards, rng, bad, pos)
+            ShardInterleaver(manifest, stream.settings.open_shards, rng, self.bad, pos)
             for manifest, pos in zip(stream.manifests, positions, strict=True)
         ]
 
