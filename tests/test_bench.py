@@ -13,6 +13,6 @@ import loader as bench_loader  # noqa: E402
 def test_loader_bench_prints_a_table(capsys):
     rows = bench_loader.main(["--samples", "48", "--workers", "0,1", "--batch-size", "8", "--shard-samples", "16"])
     out = capsys.readouterr().out
-    assert [r["reader"] for r in rows] == ["plain tar (ceiling)", "TrainLoader", "TrainLoader"]
+    assert [r["reader"] for r in rows] == ["raw bytes", "plain tarfile (ceiling)", "TrainLoader", "TrainLoader"]
     assert all(r["samples_s"] > 0 and r["ratio"] > 0 for r in rows)
-    assert "| plain tar (ceiling) | - |" in out and "| TrainLoader | 1 |" in out and "peak RSS" in out
+    assert "| plain tarfile (ceiling) | - |" in out and "| TrainLoader | 1 |" in out and "peak RSS" in out

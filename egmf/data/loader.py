@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from egmf.data.collate import padding_batch
 from egmf.data.config import DataConfig
 from egmf.data.eval_stream import EvalStream, eval_steps
 from egmf.data.train_stream import StreamSettings, TrainStream
+from egmf.data.transport import max_batch_bytes, run_in_workers
 from egmf.errors import DataError
 from egmf.shards.manifest import SplitManifest, load_manifest
 
@@ -38,16 +38,9 @@ def stream_settings(cfg: DataConfig) -> StreamSettings:
     )
 
 
-def make_dataloader(stream: IterableDataset, cfg: DataConfig) -> DataLoader:
-    workers = cfg.num_workers
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=cfg.prefetch_batches if workers else None,
-        persistent_workers=False,
-    )
+def batches_from(stream: IterableDataset, cfg: DataConfig, manifests: list[SplitManifest]):
+    slot_bytes = max_batch_bytes(manifests, cfg.batch_size, cfg.max_audio_frames, cfg.max_vision_frames)
+    return run_in_workers(stream, cfg.num_workers, cfg.prefetch_batches, slot_bytes)
 
 
 class _BadSampleTotal:
@@ -103,7 +96,7 @@ class TrainLoader:
             snapshots=self.snapshots,
             reseed=self.reseed,
         )
-        for batch in make_dataloader(stream, self.cfg):
+        for batch in batches_from(stream, self.cfg, self.manifests):
             state, batch.loader_state = batch.loader_state, None
             self.snapshots[state["worker"]] = state
             self.bad.update(state)
@@ -192,7 +185,7 @@ class EvalLoader:
             num_workers=self.cfg.num_workers,
         )
         count = 0
-        for item in make_dataloader(stream, self.cfg):
+        for item in batches_from(stream, self.cfg, [self.manifest]):
             if isinstance(item, dict):  # a worker's final bad-sample count, not a batch
                 self.bad.update(item)
                 continue

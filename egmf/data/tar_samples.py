@@ -8,10 +8,10 @@ in a `BadSamples` log, which raises a clear DataError once its limit is passed.
 from __future__ import annotations
 
 import logging
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from egmf.data.tar_members import TarFormatError, iter_members
 from egmf.errors import DataError
 from egmf.shards.format import Sample, check_sample, decode_sample
 from egmf.shards.manifest import SplitManifest, is_url
@@ -69,12 +69,10 @@ def read_shard(
     stop = num_samples if stop is None else stop
     offset = -1  # offset of the sample being assembled
     try:
-        with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with open_stream(url) as stream:
             key, members = None, {}
-            for info in tar:
-                if not info.isfile():
-                    continue
-                name = info.name.rsplit("/", 1)[-1]
+            for path, data in iter_members(stream):
+                name = path.rsplit("/", 1)[-1]
                 member_key, _, suffix = name.partition(".")
                 if member_key != key:
                     if key is not None and offset >= start:
@@ -86,11 +84,10 @@ def read_shard(
                             bad.add(url, f"holds more samples than the {num_samples} its manifest lists; rebuild it", 0)
                         return
                 if offset >= start:
-                    members[suffix] = tar.extractfile(info).read()
-                tar.members = []  # stream mode keeps every header otherwise
+                    members[suffix] = data
             if key is not None and offset >= start:
                 yield RawSample(offset, key, members, f"{url} sample #{offset} ({key})")
-    except (OSError, EOFError, tarfile.TarError) as exc:
+    except (OSError, TarFormatError) as exc:
         missing = stop - max(offset, start)
         bad.add(url, f"unreadable from sample #{max(offset, 0)} on ({type(exc).__name__}: {exc})", missing)
         return

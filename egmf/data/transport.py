@@ -1,0 +1,136 @@
+"""Moving batches from DataLoader workers to the training process through shared memory.
+
+Sending a batch through the DataLoader's result pipe costs about 4.6 ms per MB
+on a 2-core machine (pickle, pipe, unpickle), as much as making the batch
+(docs/benchmarks.md). Here each worker owns a ring of shared-memory slots: it
+writes the two large feature arrays into a free slot and sends only the small
+rest through the pipe; the training process copies the arrays out (one memcpy,
+so a batch stays valid however long it is kept) and hands the slot back.
+
+Slots live for one pass over a DataLoader (`run_in_workers`) and are unlinked at
+its end, also when the consumer stops early, so no stale slot can outlive the
+workers that write it.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from egmf.data.collate import Batch
+from egmf.shards.manifest import SplitManifest
+
+FEATURE_ITEMSIZE = 2  # float16
+
+
+def max_batch_bytes(manifests: list[SplitManifest], batch_size: int, max_audio: int, max_vision: int) -> int:
+    """The largest feature payload one batch of these splits can have (frame maxima from the manifests)."""
+    largest = 0
+    for m in manifests:
+        audio = min(max_audio, m.length_stats["audio"]["max"]) * m.audio_dim
+        vision = min(max_vision, m.length_stats["vision"]["max"]) * m.vision_dim
+        largest = max(largest, batch_size * (audio + vision) * FEATURE_ITEMSIZE)
+    return largest
+
+
+@dataclass
+class _SlotRef:
+    """What crosses the pipe: the batch without its feature values, and where they are."""
+
+    batch: Batch
+    worker: int
+    slot: int
+    audio_shape: tuple[int, ...]
+    vision_shape: tuple[int, ...]
+
+
+class _SlotRing:
+    """`num_slots` shared-memory buffers for one worker, and the queue of free ones."""
+
+    def __init__(self, num_slots: int, slot_bytes: int):
+        self.slot_bytes = max(slot_bytes, 1)
+        self.memory = SharedMemory(create=True, size=num_slots * self.slot_bytes)
+        self.free = multiprocessing.get_context().SimpleQueue()
+        for slot in range(num_slots):
+            self.free.put(slot)
+
+    def view(self, slot: int, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+        start = slot * self.slot_bytes + offset
+        return np.ndarray(shape, dtype=np.float16, buffer=self.memory.buf, offset=start)
+
+    def close(self) -> None:
+        self.memory.close()
+        self.memory.unlink()
+
+
+class _SlotStream(IterableDataset):
+    """Runs `inner` in a worker and sends its batches' features through that worker's slots."""
+
+    def __init__(self, inner: IterableDataset, rings: list[_SlotRing]):
+        self.inner, self.rings = inner, rings
+
+    def __iter__(self):
+        worker = get_worker_info().id
+        ring = self.rings[worker]
+        for item in self.inner:
+            if not isinstance(item, Batch):
+                yield item
+                continue
+            audio, vision = item.audio.values.numpy(), item.vision.values.numpy()
+            assert audio.nbytes + vision.nbytes <= ring.slot_bytes, "batch larger than max_batch_bytes"
+            slot = ring.free.get()  # blocks only while the consumer holds every slot
+            ring.view(slot, 0, audio.shape)[...] = audio
+            ring.view(slot, audio.nbytes, vision.shape)[...] = vision
+            empty = torch.empty(0, dtype=torch.float16)
+            light = replace(item, audio=replace(item.audio, values=empty), vision=replace(item.vision, values=empty))
+            yield _SlotRef(light, worker, slot, audio.shape, vision.shape)
+
+
+def _copy_out(view: np.ndarray, pin: bool) -> torch.Tensor:
+    # Pinned on CUDA machines so the host-to-device copy can be asynchronous.
+    out = torch.empty(view.shape, dtype=torch.float16, pin_memory=pin)
+    out.numpy()[...] = view
+    return out
+
+
+def _receive(ref: _SlotRef, rings: list[_SlotRing], pin: bool) -> Batch:
+    ring = rings[ref.worker]
+    audio = _copy_out(ring.view(ref.slot, 0, ref.audio_shape), pin)
+    vision_offset = math.prod(ref.audio_shape) * FEATURE_ITEMSIZE
+    vision = _copy_out(ring.view(ref.slot, vision_offset, ref.vision_shape), pin)
+    ring.free.put(ref.slot)
+    batch = ref.batch
+    return replace(batch, audio=replace(batch.audio, values=audio), vision=replace(batch.vision, values=vision))
+
+
+def run_in_workers(
+    stream: IterableDataset, num_workers: int, prefetch_batches: int, slot_bytes: int
+) -> Iterator[Batch | dict]:
+    """Everything `stream` yields, made by `num_workers` processes (or in this one when 0)."""
+    if num_workers == 0:
+        yield from stream
+        return
+    rings = [_SlotRing(prefetch_batches + 1, slot_bytes) for _ in range(num_workers)]
+    loader = DataLoader(
+        _SlotStream(stream, rings),
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_batches,
+        persistent_workers=False,
+    )
+    pin = torch.cuda.is_available()
+    items = iter(loader)
+    try:
+        for item in items:
+            yield _receive(item, rings, pin) if isinstance(item, _SlotRef) else item
+    finally:
+        del items  # shuts the workers down before their shared memory goes away
+        for ring in rings:
+            ring.close()
