@@ -1,0 +1,143 @@
+"""The three fusion experts. Each maps the three modality sequences to refined ones.
+
+Inputs are lists over modalities (text, audio, vision) of x [B, L_m, d] and
+mask [B, L_m], plus a context vector [B, d]. Every expert ends in a level-1
+gate: a sigmoid per position and channel, conditioned on the position and on the
+context, that decides how much of the expert's update enters the residual
+stream. Padded positions are zero on the way in and on the way out.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from egmf.model.attention import masked_attention
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real positions: x [B, L, d], mask [B, L] -> [B, d]."""
+    weights = mask.to(x.dtype)[..., None]
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class ContextGate(nn.Module):
+    """Level-1 gate: x + sigmoid(W [x; context]) * update, per position and channel."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = nn.Linear(2 * width, width)
+
+    def forward(self, x, update, context, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gated output [B, L, d], gate [B, L, d])."""
+        gate = torch.sigmoid(self.proj(torch.cat([x, context[:, None, :].expand_as(x)], -1)))
+        return (x + gate * update) * mask[..., None], gate
+
+
+def gate_summary(gate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean gate value over real positions and channels: [B, L, d] -> [B] (for logging)."""
+    return masked_mean(gate.mean(-1, keepdim=True), mask).squeeze(-1)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, width: int, dropout: float):
+        super().__init__(
+            nn.LayerNorm(width),
+            nn.Linear(width, 4 * width),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(4 * width, width),
+        )
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention of queries x over keys/values y, with masks, on the configured kernel."""
+
+    def __init__(self, width: int, heads: int, backend: str):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.q, self.kv, self.out = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+
+    def forward(self, x, x_mask, y, y_mask) -> torch.Tensor:
+        b, lq, d = x.shape
+        q = self.q(x).view(b, lq, self.heads, d // self.heads)
+        k, v = self.kv(y).view(b, y.shape[1], 2, self.heads, d // self.heads).unbind(2)
+        return self.out(masked_attention(q, k, v, x_mask, y_mask, self.backend).reshape(b, lq, d))
+
+
+class LocalExpert(nn.Module):
+    """Fine-grained local cues: depthwise temporal convolution + MLP inside each modality."""
+
+    def __init__(self, width: int, kernel: int, dropout: float, num_modalities: int = 3):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width) for _ in range(num_modalities)
+        )
+        self.mlps = nn.ModuleList(FeedForward(width, dropout) for _ in range(num_modalities))
+        self.gates = nn.ModuleList(ContextGate(width) for _ in range(num_modalities))
+
+    def forward(self, xs, masks, context):
+        outs, gate_means = [], []
+        for x, mask, conv, mlp, gate in zip(xs, masks, self.convs, self.mlps, self.gates, strict=True):
+            local = conv(x.transpose(1, 2)).transpose(1, 2)  # padded frames are zero, so they add nothing
+            out, g = gate(x, mlp(local), context, mask)
+            outs.append(out)
+            gate_means.append(gate_summary(g, mask))
+        return outs, torch.stack(gate_means, 1)
+
+
+class SemanticExpert(nn.Module):
+    """Cross-modal correlation: each modality attends to the other two, then an MLP."""
+
+    def __init__(self, width: int, heads: int, dropout: float, backend: str, num_modalities: int = 3):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.ModuleList(MultiHeadAttention(width, heads, backend) for _ in range(num_modalities))
+        self.mlp = FeedForward(width, dropout)
+        self.gates = nn.ModuleList(ContextGate(width) for _ in range(num_modalities))
+
+    def forward(self, xs, masks, context):
+        normed = [self.norm(x) for x in xs]
+        outs, gate_means = [], []
+        for m, (x, mask) in enumerate(zip(xs, masks, strict=True)):
+            others = [i for i in range(len(xs)) if i != m]
+            y = torch.cat([normed[i] for i in others], 1)
+            y_mask = torch.cat([masks[i] for i in others], 1)
+            update = self.attn[m](normed[m], mask, y, y_mask)
+            update = update + self.mlp(update)
+            out, g = self.gates[m](x, update, context, mask)
+            outs.append(out)
+            gate_means.append(gate_summary(g, mask))
+        return outs, torch.stack(gate_means, 1)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float, backend: str):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = MultiHeadAttention(width, heads, backend)
+        self.mlp = FeedForward(width, dropout)
+
+    def forward(self, x, mask):
+        normed = self.norm(x)
+        x = x + self.attn(normed, mask, normed, mask)
+        return (x + self.mlp(x)) * mask[..., None]
+
+
+class GlobalExpert(nn.Module):
+    """Long-range context: transformer blocks over the whole multimodal sequence."""
+
+    def __init__(self, width: int, heads: int, layers: int, dropout: float, backend: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, backend) for _ in range(layers))
+        self.gate = ContextGate(width)
+
+    def forward(self, xs, masks, context):
+        x, mask = torch.cat(xs, 1), torch.cat(masks, 1)
+        h = x
+        for block in self.blocks:
+            h = block(h, mask)
+        out, gate = self.gate(x, h - x, context, mask)
+        lengths = [m.shape[1] for m in masks]
+        gate_means = [gate_summary(g, m) for g, m in zip(gate.split(lengths, 1), masks, strict=True)]
+        return list(out.split(lengths, 1)), torch.stack(gate_means, 1)

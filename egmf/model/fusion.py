@@ -1,0 +1,171 @@
+"""The EGMF fusion module: front ends -> three experts -> hierarchical gating -> K pseudo tokens.
+
+    fusion = FusionModule(cfg, feature_dims={"mosei": (74, 35)}, llm_hidden=3584, llm_embed_rms=0.02)
+    out = fusion(dataset, audio, audio_mask, vision, vision_mask, text_embeds, text_mask)
+    out.pseudo_tokens   # [B, K, llm_hidden], to be placed in the prompt
+    out.expert_weights  # [B, num_experts] level-2 gate (softmax over experts)
+    out.inner_gates     # {expert: [B, 3]} level-1 gate means per modality (text, audio, vision)
+
+Runs on a CPU (SDPA) or on CUDA (flash-attn when installed). Padded positions
+never change a result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from egmf.model.config import FusionConfig
+from egmf.model.experts import GlobalExpert, LocalExpert, MultiHeadAttention, SemanticExpert, masked_mean
+
+MODALITIES = ("text", "audio", "vision")
+
+
+@dataclass
+class FusionOutput:
+    pseudo_tokens: torch.Tensor
+    expert_weights: torch.Tensor
+    inner_gates: dict[str, torch.Tensor]
+
+
+class TimeEncoding(nn.Module):
+    """Fourier features of normalised time (0 at the first real frame, 1 at the last).
+
+    Normalised rather than frame-indexed so that audio and vision, sampled at
+    different rates, share one clock: relative timing across modalities is
+    visible to every expert.
+    """
+
+    def __init__(self, width: int, num_frequencies: int):
+        super().__init__()
+        self.register_buffer("frequencies", math.pi * torch.arange(1, num_frequencies + 1).float(), persistent=False)
+        self.proj = nn.Linear(2 * num_frequencies, width)
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(1, keepdim=True).clamp(min=2) - 1
+        t = torch.arange(mask.shape[1], device=mask.device)[None, :] / lengths  # [B, L]
+        angles = t[..., None] * self.frequencies
+        return self.proj(torch.cat([angles.sin(), angles.cos()], -1).to(self.proj.weight.dtype))
+
+
+class FrontEnd(nn.Module):
+    """Features [B, L, D_in] -> [B, L, d] with time and modality embeddings, zero at padding."""
+
+    def __init__(self, in_dim: int, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x.to(self.proj.weight.dtype)))
+
+
+class ExpertGate(nn.Module):
+    """Level-2 gate: a softmax over experts per sample, from the pooled expert outputs and the context."""
+
+    def __init__(self, width: int, num_experts: int, dynamic: bool):
+        super().__init__()
+        self.num_experts, self.dynamic = num_experts, dynamic
+        self.score = nn.Sequential(
+            nn.Linear((num_experts + 1) * width, width), nn.GELU(), nn.Linear(width, num_experts)
+        )
+
+    def forward(self, pooled: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """pooled [B, E, d], context [B, d] -> weights [B, E] summing to one."""
+        if not self.dynamic:
+            return pooled.new_full(pooled.shape[:2], 1.0 / self.num_experts)
+        return torch.softmax(self.score(torch.cat([pooled.flatten(1), context], -1)), -1)
+
+
+class PseudoTokens(nn.Module):
+    """K learned queries attend over the fused sequence; each becomes one LLM input embedding."""
+
+    def __init__(self, width: int, heads: int, num_tokens: int, llm_hidden: int, llm_embed_rms: float, backend: str):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_tokens, width) * width**-0.5)
+        self.norm = nn.LayerNorm(width)
+        self.attn = MultiHeadAttention(width, heads, backend)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm_hidden))
+        # The LLM's own token embeddings have a typical RMS; pseudo tokens start at the same scale.
+        self.scale = nn.Parameter(torch.tensor(float(llm_embed_rms)))
+
+    def forward(self, fused: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b = fused.shape[0]
+        queries = self.queries[None].expand(b, -1, -1)
+        query_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=fused.device)
+        tokens = queries + self.attn(queries, query_mask, self.norm(fused), mask)
+        tokens = self.out(tokens)
+        rms = tokens.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+        return tokens * rms * self.scale
+
+
+class FusionModule(nn.Module):
+    def __init__(
+        self, cfg: FusionConfig, feature_dims: dict[str, tuple[int, int]], llm_hidden: int, llm_embed_rms: float
+    ):
+        super().__init__()
+        problems = cfg.problems()
+        if problems:
+            raise ValueError("invalid fusion config: " + "; ".join(problems))
+        d = cfg.width
+        self.cfg, self.feature_dims = cfg, dict(feature_dims)
+        self.text_front = FrontEnd(llm_hidden, d)
+        self.audio_front = nn.ModuleDict({name: FrontEnd(dims[0], d) for name, dims in feature_dims.items()})
+        self.vision_front = nn.ModuleDict({name: FrontEnd(dims[1], d) for name, dims in feature_dims.items()})
+        self.time = TimeEncoding(d, cfg.time_frequencies)
+        self.modality = nn.Embedding(len(MODALITIES), d)
+        self.context = nn.Sequential(nn.Linear(len(MODALITIES) * d, d), nn.GELU())
+        builders = {
+            "local": lambda: LocalExpert(d, cfg.local_kernel, cfg.dropout),
+            "semantic": lambda: SemanticExpert(d, cfg.heads, cfg.dropout, cfg.attention),
+            "global": lambda: GlobalExpert(d, cfg.heads, cfg.global_layers, cfg.dropout, cfg.attention),
+        }
+        self.experts = nn.ModuleDict({name: builders[name]() for name in cfg.experts})
+        self.gate = ExpertGate(d, len(cfg.experts), cfg.gating == "dynamic")
+        self.pseudo = PseudoTokens(d, cfg.heads, cfg.num_pseudo_tokens, llm_hidden, llm_embed_rms, cfg.attention)
+
+    def forward(
+        self,
+        dataset: str,
+        audio: torch.Tensor,
+        audio_mask: torch.Tensor,
+        vision: torch.Tensor,
+        vision_mask: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> FusionOutput:
+        self.check_dims(dataset, audio, vision)
+        masks = [text_mask, audio_mask, vision_mask]
+        raw = [self.text_front(text_embeds), self.audio_front[dataset](audio), self.vision_front[dataset](vision)]
+        xs = [
+            (x + self.time(mask) + self.modality.weight[i]) * mask[..., None]
+            for i, (x, mask) in enumerate(zip(raw, masks, strict=True))
+        ]
+        context = self.context(torch.cat([masked_mean(x, m) for x, m in zip(xs, masks, strict=True)], -1))
+        all_mask = torch.cat(masks, 1)
+        outputs, inner_gates, pooled = [], {}, []
+        for name, expert in self.experts.items():
+            out, inner_gates[name] = expert(xs, masks, context)
+            out = torch.cat(out, 1)
+            outputs.append(out)
+            pooled.append(masked_mean(out, all_mask))
+        weights = self.gate(torch.stack(pooled, 1), context)
+        fused = torch.einsum("be,beld->bld", weights, torch.stack(outputs, 1))
+        return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates)
+
+    def check_dims(self, dataset: str, audio: torch.Tensor, vision: torch.Tensor) -> None:
+        if dataset not in self.feature_dims:
+            raise ValueError(
+                f"the fusion module has no front end for dataset {dataset!r}; it was built for "
+                f"{', '.join(self.feature_dims)}. Add the dataset to the model's feature_dims"
+            )
+        expected = self.feature_dims[dataset]
+        if (audio.shape[-1], vision.shape[-1]) != tuple(expected):
+            raise ValueError(
+                f"{dataset}: features have dims audio {audio.shape[-1]} / vision {vision.shape[-1]}, "
+                f"the model expects {expected[0]} / {expected[1]}; rebuild the shards or the model "
+                "config so they agree"
+            )
