@@ -62,6 +62,8 @@ class Verbaliser:
 
     def verbalise(self, label: str | float) -> str:
         if self.spec.task == CLASSIFICATION:
+            if label not in self.words:
+                raise ValueError(f"label {label!r} is not a class of {self.spec.name} ({', '.join(self.spec.labels)})")
             return self.words[label]
         lo, hi = self.spec.label_range
         value = round(min(max(float(label), lo), hi), 1) + 0.0  # + 0.0: no "-0.0"

@@ -55,3 +55,27 @@ class FusionConfig:
         if not 0 <= self.dropout < 1:
             found.append(f"fusion.dropout must be in [0, 1), got {self.dropout}")
         return found
+
+
+@dataclass
+class LLMConfig:
+    path: str = ""
+    """Local directory of an AutoModelForCausalLM and its tokenizer (Qwen2/2.5, Llama, ...)."""
+    dtype: str = "auto"
+    """'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'."""
+    gradient_checkpointing: bool = False
+    """Recompute LLM activations in the backward pass (non-reentrant, so LoRA still gets gradients)."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: int = 32
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers of the LLM that get LoRA adapters."""

@@ -1,0 +1,158 @@
+"""EGMF: the fusion module's pseudo tokens in a prompt for a LoRA-adapted causal LLM.
+
+    model = EGMFModel.build(fusion_cfg, prompt_cfg, llm_cfg, lora_cfg, feature_dims, device)
+    out = model(batch)                      # loss on the answer tokens, gate values for logging
+    preds = model.predict(batch, "constrained")   # labels (never unparseable) and the raw answers
+
+Trainable: the whole fusion module and the LoRA adapters; the LLM's own weights are frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from egmf.data.collate import Batch
+from egmf.datasets import CLASSIFICATION
+from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
+from egmf.model.decoding import TokenTrie, greedy, score_candidates
+from egmf.model.fusion import FusionModule
+from egmf.model.llm import load_llm
+from egmf.model.prompt import PromptBatch, PromptBuilder, PromptConfig
+
+DECODING_MODES = ("generate", "constrained")
+ADAPTER_DIR = "adapter"
+FUSION_WEIGHTS = "fusion.safetensors"
+FUSION_META = "fusion.json"
+
+
+@dataclass
+class EGMFOutput:
+    loss: torch.Tensor
+    expert_weights: torch.Tensor | None
+    """[B, E] level-2 gate values (None in the text-only ablation)."""
+    inner_gates: dict[str, torch.Tensor]
+
+
+@dataclass
+class Predictions:
+    labels: list
+    """Class names or scores; None where a generated answer did not parse."""
+    answers: list[str]
+    """The raw answer text (for the predictions file)."""
+    num_unparseable: int
+
+
+class EGMFModel(nn.Module):
+    def __init__(self, llm, tokenizer, fusion: FusionModule | None, prompts: PromptBuilder):
+        super().__init__()
+        self.llm, self.tokenizer, self.fusion, self.prompts = llm, tokenizer, fusion, prompts
+
+    @classmethod
+    def build(
+        cls,
+        fusion_cfg: FusionConfig,
+        prompt_cfg: PromptConfig,
+        llm_cfg: LLMConfig,
+        lora_cfg: LoraConfig,
+        feature_dims: dict[str, tuple[int, int]],
+        device: torch.device,
+    ) -> EGMFModel:
+        problems = fusion_cfg.problems() + prompt_cfg.problems(list(feature_dims))
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+        llm, tokenizer = load_llm(llm_cfg, lora_cfg, fusion_cfg.attention, device)
+        fusion = None
+        if not prompt_cfg.text_only:
+            embeddings = llm.get_input_embeddings().weight
+            rms = float(embeddings.float().pow(2).mean().sqrt())
+            fusion = FusionModule(fusion_cfg, feature_dims, embeddings.shape[1], rms).to(device)
+        return cls(llm, tokenizer, fusion, PromptBuilder(prompt_cfg, tokenizer, fusion_cfg.num_pseudo_tokens))
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def prompt_embeddings(self, batch: Batch, with_answers: bool):
+        """(prompt batch, inputs_embeds with pseudo tokens in place, fusion output or None)."""
+        prompt = self.prompts.build(batch, with_answers)
+        prompt = PromptBatch(*(t.to(self.device) for t in vars(prompt).values()))
+        embeds = self.embed(prompt.input_ids)
+        if self.fusion is None:
+            return prompt, embeds, None
+        batch = batch.to(self.device)
+        with torch.no_grad():  # the text side reads the frozen token embeddings
+            text_embeds = self.embed(prompt.text_ids)
+        fused = self.fusion(
+            batch.dataset,
+            batch.audio.values,
+            batch.audio.mask,
+            batch.vision.values,
+            batch.vision.mask,
+            text_embeds,
+            prompt.text_mask,
+        )
+        embeds = embeds.masked_scatter(prompt.pseudo_mask[..., None], fused.pseudo_tokens.to(embeds.dtype))
+        return prompt, embeds, fused
+
+    def forward(self, batch: Batch) -> EGMFOutput:
+        prompt, embeds, fused = self.prompt_embeddings(batch, with_answers=True)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=prompt.attention_mask,
+            position_ids=prompt.position_ids,
+            labels=prompt.labels,
+            use_cache=False,
+        )
+        if fused is None:
+            return EGMFOutput(out.loss, None, {})
+        return EGMFOutput(out.loss, fused.expert_weights, fused.inner_gates)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, mode: str, max_new_tokens: int = 8) -> Predictions:
+        if mode not in DECODING_MODES:
+            raise ValueError(f"decoding mode {mode!r} is not one of {', '.join(DECODING_MODES)}")
+        verbaliser = self.prompts.verbaliser(batch.dataset)
+        prompt, embeds, _ = self.prompt_embeddings(batch, with_answers=False)
+        args = (self.llm, self.embed, embeds, prompt.attention_mask, prompt.position_ids)
+        candidates = [self.prompts.answer_tokens(c) for c in verbaliser.candidates()]
+        if mode == "constrained" and batch.task == CLASSIFICATION:
+            best = score_candidates(*args, candidates, self.tokenizer.pad_token_id).argmax(-1).tolist()
+            labels = [verbaliser.candidate_label(i) for i in best]
+            return Predictions(labels, [verbaliser.candidates()[i] for i in best], 0)
+        trie = TokenTrie(candidates) if mode == "constrained" else None
+        generated = greedy(*args, self.tokenizer.eos_token_id, max_new_tokens, trie)
+        answers = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
+        labels = [verbaliser.parse(a) for a in answers]
+        return Predictions(labels, answers, sum(label is None for label in labels))
+
+    def export(self, out_dir: str) -> None:
+        """Write the trained parts in standard formats: a peft adapter folder and safetensors fusion weights.
+
+        `PeftModel.from_pretrained(base_model, out_dir + "/adapter")` loads the adapter with plain peft.
+        """
+        os.makedirs(out_dir, exist_ok=True)
+        self.llm.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
+        if self.fusion is not None:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.fusion.state_dict().items()}
+            save_file(state, os.path.join(out_dir, FUSION_WEIGHTS))
+            meta = {"config": asdict(self.fusion.cfg), "feature_dims": self.fusion.feature_dims}
+            with open(os.path.join(out_dir, FUSION_META), "w") as f:
+                json.dump(meta, f, indent=1)
+
+    def load_exported(self, out_dir: str) -> None:
+        """Load weights written by `export` into this model (same architecture)."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(self.llm, load_peft_weights(os.path.join(out_dir, ADAPTER_DIR)))
+        if self.fusion is not None:
+            self.fusion.load_state_dict(load_file(os.path.join(out_dir, FUSION_WEIGHTS), device=str(self.device)))

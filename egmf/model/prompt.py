@@ -1,0 +1,160 @@
+"""Prompts: task and labels, pseudo tokens between markers, the utterance, an answer cue, then the answer.
+
+    [bos] Task ... one of: neutral, joy, ...  Signals: <signals> P P P P </signals>
+          Utterance: <text>  Emotion: | joy [eos]
+                                        ^ answer tokens: the only ones with a loss
+
+Templates are config (per dataset, else per task and language); `{signals}`
+marks where the pseudo tokens go and must come before `{text}`. Sequences are
+left-padded with explicit position ids, so a sample's prompt has the same
+positions in training, candidate scoring and generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from egmf.data.collate import Batch
+from egmf.datasets import CLASSIFICATION, get_spec
+from egmf.labels import Verbaliser
+
+IGNORE = -100
+DEFAULT_TEMPLATES = {
+    "classification_en": "Task: recognise the speaker's emotion. Answer with one of: {labels}.\n"
+    "Signals: {signals}\nUtterance: {text}\nEmotion:",
+    "regression_en": "Task: rate the sentiment intensity from {low} (most negative) to {high} (most positive), "
+    "with one decimal.\nSignals: {signals}\nUtterance: {text}\nIntensity:",
+    "classification_zh": "任务：识别说话人的情绪，从以下选项中选一个：{labels}。\n"
+    "信号：{signals}\n话语：{text}\n情绪：",
+    "regression_zh": "任务：判断情感强度，范围从 {low}（最消极）到 {high}（最积极），保留一位小数。\n"
+    "信号：{signals}\n话语：{text}\n强度：",
+}
+
+
+@dataclass
+class PromptConfig:
+    templates: dict[str, str] = field(default_factory=dict)
+    """Template per dataset name, overriding the default per task and language (DEFAULT_TEMPLATES)."""
+    label_words: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per dataset: class name -> the word the model answers with (default: English names, CHERMA's words in zh)."""
+    signals_open: str = "<signals>"
+    """Marker before the pseudo tokens."""
+    signals_close: str = "</signals>"
+    """Marker after the pseudo tokens."""
+    max_text_tokens: int = 64
+    """Utterance tokens kept (in the prompt and as the fusion module's text input)."""
+    text_only: bool = False
+    """Ablation: no pseudo tokens, no markers; the LLM sees only the text prompt."""
+
+    def template_for(self, dataset: str) -> str:
+        spec = get_spec(dataset)
+        return self.templates.get(dataset, DEFAULT_TEMPLATES[f"{spec.task}_{spec.lang}"])
+
+    def problems(self, datasets: list[str]) -> list[str]:
+        found = []
+        for dataset in datasets:
+            template, spec = self.template_for(dataset), get_spec(dataset)
+            needed = ["{signals}", "{text}"] + (["{labels}"] if spec.task == CLASSIFICATION else ["{low}", "{high}"])
+            missing = [p for p in needed if p not in template]
+            if missing:
+                found.append(f"prompt template for {dataset} lacks {', '.join(missing)}")
+            elif template.index("{signals}") > template.index("{text}"):
+                found.append(f"prompt template for {dataset}: {{signals}} must come before {{text}}")
+        if self.max_text_tokens < 1:
+            found.append(f"prompt.max_text_tokens must be >= 1, got {self.max_text_tokens}")
+        return found
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor
+    """[B, T] token ids; pseudo positions hold the pad id (their embeddings are replaced)."""
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    pseudo_mask: torch.Tensor
+    """[B, T] True where a pseudo token goes (K per row, in order)."""
+    labels: torch.Tensor
+    """[B, T] answer tokens and eos, IGNORE elsewhere (all IGNORE without answers)."""
+    text_ids: torch.Tensor
+    """[B, Lt] utterance tokens for the fusion module's text input (right-padded)."""
+    text_mask: torch.Tensor
+
+
+class PromptBuilder:
+    def __init__(self, cfg: PromptConfig, tokenizer: PreTrainedTokenizerBase, num_pseudo_tokens: int):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.num_pseudo = 0 if cfg.text_only else num_pseudo_tokens
+        self.verbalisers: dict[str, Verbaliser] = {}
+        self._pieces: dict[str, tuple[list[int], list[int], list[int]]] = {}
+
+    def verbaliser(self, dataset: str) -> Verbaliser:
+        if dataset not in self.verbalisers:
+            self.verbalisers[dataset] = Verbaliser.for_dataset(dataset, self.cfg.label_words.get(dataset))
+        return self.verbalisers[dataset]
+
+    def tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def answer_tokens(self, answer: str) -> list[int]:
+        """How an answer is written after the cue, eos included (the same in training and decoding)."""
+        return self.tokens(" " + answer) + [self.tokenizer.eos_token_id]
+
+    def pieces(self, dataset: str) -> tuple[list[int], list[int], list[int]]:
+        """Token ids of the template around the pseudo tokens and the utterance (cached per dataset)."""
+        if dataset not in self._pieces:
+            spec, verbaliser = get_spec(dataset), self.verbaliser(dataset)
+            values = (
+                {"labels": ", ".join(verbaliser.candidates())}
+                if spec.task == CLASSIFICATION
+                else {
+                    "low": verbaliser.verbalise(spec.label_range[0]),
+                    "high": verbaliser.verbalise(spec.label_range[1]),
+                }
+            )
+            template = self.cfg.template_for(dataset)
+            head, rest = template.split("{signals}")
+            middle, tail = rest.split("{text}")
+            if self.num_pseudo:
+                head, middle = head + self.cfg.signals_open, self.cfg.signals_close + middle
+            bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+            self._pieces[dataset] = (
+                bos + self.tokens(head.format(**values)),
+                self.tokens(middle.format(**values)),
+                self.tokens(tail.format(**values)),
+            )
+        return self._pieces[dataset]
+
+    def build(self, batch: Batch, with_answers: bool) -> PromptBatch:
+        head, middle, tail = self.pieces(batch.dataset)
+        verbaliser = self.verbaliser(batch.dataset)
+        rows, pseudo_rows, label_rows, texts = [], [], [], []
+        for text, label in zip(batch.texts, batch.labels, strict=True):
+            text_ids = self.tokens(text)[: self.cfg.max_text_tokens] if text else []
+            prompt = head + [self.tokenizer.pad_token_id] * self.num_pseudo + middle + text_ids + tail
+            answer = self.answer_tokens(verbaliser.verbalise(label)) if with_answers else []
+            rows.append(prompt + answer)
+            pseudo_rows.append(
+                [False] * len(head) + [True] * self.num_pseudo + [False] * (len(rows[-1]) - len(head) - self.num_pseudo)
+            )
+            label_rows.append([IGNORE] * len(prompt) + answer)
+            texts.append(text_ids or [self.tokenizer.pad_token_id])
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+
+        def left_pad(seqs, value):
+            return torch.tensor([[value] * (width - len(s)) + s for s in seqs])
+
+        attention_mask = left_pad([[1] * len(r) for r in rows], 0)
+        text_width = max(map(len, texts))
+        return PromptBatch(
+            input_ids=left_pad(rows, pad),
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+            pseudo_mask=left_pad(pseudo_rows, False).bool(),
+            labels=left_pad(label_rows, IGNORE),
+            text_ids=torch.tensor([t + [pad] * (text_width - len(t)) for t in texts]),
+            text_mask=torch.tensor([[True] * len(t) + [False] * (text_width - len(t)) for t in texts]),
+        )

@@ -1,0 +1,247 @@
+"""The whole model on a tiny real LLM: prompt layout, pseudo-token injection, loss, LoRA + checkpointing,
+decoding (both modes), export/load in standard formats, and clear errors for bad model input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from egmf.data.config import DataConfig
+from egmf.data.loader import EvalLoader
+from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
+from egmf.model.decoding import greedy, score_candidates
+from egmf.model.egmf_model import EGMFModel
+from egmf.model.llm import ModelPathError, load_tokenizer
+from egmf.model.prompt import IGNORE, PromptConfig
+from egmf.model.tiny import build_tiny_llm
+
+DIMS = {"demo_cls_en": (16, 12), "demo_cls_zh": (12, 20), "demo_reg_en": (16, 12), "demo_reg_zh": (12, 20)}
+K = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> str:
+    return build_tiny_llm(str(tmp_path_factory.mktemp("tiny-llm")))
+
+
+def build_model(tiny_llm, checkpointing=False, text_only=False) -> EGMFModel:
+    torch.manual_seed(0)
+    return EGMFModel.build(
+        FusionConfig(width=32, heads=4, num_pseudo_tokens=K, global_layers=1, dropout=0.0),
+        PromptConfig(text_only=text_only),
+        LLMConfig(path=tiny_llm, gradient_checkpointing=checkpointing),
+        LoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        DIMS,
+        torch.device("cpu"),
+    )
+
+
+def first_batch(demo_root, dataset, batch_size=3):
+    return next(iter(EvalLoader(DataConfig(root=demo_root, batch_size=batch_size, num_workers=0), dataset, "valid")))
+
+
+def test_prompt_layout(tiny_llm, demo_root):
+    model = build_model(tiny_llm)
+    batch = first_batch(demo_root, "demo_cls_en")
+    prompt = model.prompts.build(batch, with_answers=True)
+    tok = model.tokenizer
+    for row in range(len(batch)):
+        real = prompt.attention_mask[row].bool()
+        ids = prompt.input_ids[row][real].tolist()
+        text = tok.decode(ids)
+        assert text.index("Answer with one of: neutral, joy, sadness, anger") < text.index("<signals>")
+        assert text.index("</signals>") < text.index(batch.texts[row]) < text.index("Emotion:")
+        assert ids[-1] == tok.eos_token_id and ids[0] == tok.bos_token_id
+        # K pseudo positions, contiguous, right after the opening marker
+        pseudo = prompt.pseudo_mask[row][real].nonzero().flatten().tolist()
+        assert len(pseudo) == K and pseudo == list(range(pseudo[0], pseudo[0] + K))
+        assert tok.decode(ids[: pseudo[0]]).endswith("<signals>")
+        # loss only on the answer and eos
+        answer = [t for t in prompt.labels[row].tolist() if t != IGNORE]
+        assert tok.decode(answer[:-1]).strip() == batch.labels[row] and answer[-1] == tok.eos_token_id
+        assert prompt.labels[row][real].tolist()[-len(answer) :] == answer
+        # left padding; positions restart at 0 on the first real token
+        assert prompt.position_ids[row][real].tolist() == list(range(int(real.sum())))
+
+
+def test_pseudo_tokens_are_injected_at_their_positions(tiny_llm, demo_root):
+    model = build_model(tiny_llm).eval()
+    batch = first_batch(demo_root, "demo_reg_zh")
+    prompt, embeds, fused = model.prompt_embeddings(batch, with_answers=True)
+    torch.testing.assert_close(embeds[prompt.pseudo_mask].view(len(batch), K, -1), fused.pseudo_tokens)
+    plain = model.embed(prompt.input_ids)
+    torch.testing.assert_close(embeds[~prompt.pseudo_mask], plain[~prompt.pseudo_mask])
+
+
+def test_loss_counts_only_answer_tokens(tiny_llm, demo_root):
+    model = build_model(tiny_llm).eval()
+    batch = first_batch(demo_root, "demo_cls_en", batch_size=1)
+    loss = model(batch).loss
+    prompt, embeds, _ = model.prompt_embeddings(batch, with_answers=True)
+    logits = model.llm(
+        inputs_embeds=embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids
+    ).logits[0]
+    answer_positions = (prompt.labels[0] != IGNORE).nonzero().flatten()
+    manual = torch.nn.functional.cross_entropy(logits[answer_positions - 1], prompt.labels[0][answer_positions])
+    torch.testing.assert_close(loss, manual)
+
+
+def test_text_only_ablation_has_no_pseudo_tokens(tiny_llm, demo_root):
+    model = build_model(tiny_llm, text_only=True)
+    batch = first_batch(demo_root, "demo_cls_en")
+    prompt = model.prompts.build(batch, with_answers=True)
+    assert model.fusion is None and not prompt.pseudo_mask.any()
+    assert "<signals>" not in model.tokenizer.decode(prompt.input_ids[0])
+    out = model(batch)
+    assert torch.isfinite(out.loss) and out.expert_weights is None
+
+
+def test_lora_and_fusion_learn_under_gradient_checkpointing(tiny_llm, demo_root):
+    model = build_model(tiny_llm, checkpointing=True).train()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.llm.modules())
+    frozen = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_" not in n}
+    lora_b = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_B" in n}
+    fusion = {n: p.detach().clone() for n, p in model.fusion.named_parameters()}
+    assert all(not p.requires_grad for n, p in model.llm.named_parameters() if "lora_" not in n)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = first_batch(demo_root, "demo_cls_en")
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    assert lora_b and all(not torch.equal(lora_b[n], p) for n, p in model.llm.named_parameters() if n in lora_b)
+    changed = {n for n, p in model.fusion.named_parameters() if not torch.equal(fusion[n], p)}
+    other_datasets = {n for n in fusion if "_front.demo_" in n and "demo_cls_en" not in n}
+    assert changed == set(fusion) - other_datasets  # every fusion weight this batch reaches
+    assert all(torch.equal(frozen[n], p) for n, p in model.llm.named_parameters() if n in frozen)
+
+
+def test_candidate_scoring_matches_one_forward_per_candidate(tiny_llm, demo_root):
+    model = build_model(tiny_llm).eval()
+    batch = first_batch(demo_root, "demo_cls_zh", batch_size=2)
+    prompt, embeds, _ = model.prompt_embeddings(batch, with_answers=False)
+    candidates = [model.prompts.answer_tokens(c) for c in model.prompts.verbaliser("demo_cls_zh").candidates()]
+    scores = score_candidates(
+        model.llm,
+        model.embed,
+        embeds,
+        prompt.attention_mask,
+        prompt.position_ids,
+        candidates,
+        model.tokenizer.pad_token_id,
+    )
+    for row in range(2):
+        real = prompt.attention_mask[row].bool()
+        for c, cand in enumerate(candidates):
+            seq = torch.cat([embeds[row][real], model.embed(torch.tensor(cand))])[None]
+            log_probs = model.llm(inputs_embeds=seq).logits[0].log_softmax(-1)
+            start = int(real.sum())
+            expected = sum(log_probs[start - 1 + i, t] for i, t in enumerate(cand))
+            torch.testing.assert_close(scores[row, c], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_greedy_matches_recomputing_everything(tiny_llm, demo_root):
+    model = build_model(tiny_llm).eval()
+    batch = first_batch(demo_root, "demo_reg_en", batch_size=2)
+    prompt, embeds, _ = model.prompt_embeddings(batch, with_answers=False)
+    fast = greedy(
+        model.llm,
+        model.embed,
+        embeds,
+        prompt.attention_mask,
+        prompt.position_ids,
+        model.tokenizer.eos_token_id,
+        max_new_tokens=5,
+    )
+    for row in range(2):
+        real = prompt.attention_mask[row].bool()
+        seq, slow = embeds[row][real][None], []
+        for _ in range(5):
+            token = int(model.llm(inputs_embeds=seq).logits[0, -1].argmax())
+            if token == model.tokenizer.eos_token_id:
+                break
+            slow.append(token)
+            seq = torch.cat([seq, model.embed(torch.tensor([[token]]))], 1)
+        assert fast[row] == slow
+
+
+@pytest.mark.parametrize("dataset", ["demo_cls_en", "demo_reg_zh", "demo_reg_en"])
+def test_constrained_answers_are_always_valid_and_generate_counts_failures(tiny_llm, demo_root, dataset):
+    model = build_model(tiny_llm).eval()
+    batch = first_batch(demo_root, dataset, batch_size=4)
+    verbaliser = model.prompts.verbaliser(dataset)
+    constrained = model.predict(batch, "constrained")
+    assert constrained.num_unparseable == 0
+    assert all(answer in verbaliser.candidates() for answer in constrained.answers)
+    assert [verbaliser.parse(a) for a in constrained.answers] == constrained.labels
+    generated = model.predict(batch, "generate")  # an untrained model babbles
+    assert generated.num_unparseable == sum(label is None for label in generated.labels)
+    assert all(
+        label is None or verbaliser.parse(a) == label
+        for a, label in zip(generated.answers, generated.labels, strict=True)
+    )
+
+
+def test_export_loads_with_plain_peft_and_back_into_the_model(tiny_llm, demo_root, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(tiny_llm).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = first_batch(demo_root, "demo_cls_en")
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    model.eval()
+    model.export(str(tmp_path / "export"))
+    assert sorted(os.listdir(tmp_path / "export")) == ["adapter", "fusion.json", "fusion.safetensors"]
+    assert json.loads((tmp_path / "export" / "fusion.json").read_text())["config"]["num_pseudo_tokens"] == K
+
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llm), str(tmp_path / "export" / "adapter")
+    )
+    ids = torch.tensor([[1, 50, 60, 70]])
+    torch.testing.assert_close(plain(input_ids=ids).logits, model.llm(input_ids=ids).logits)
+
+    fresh = build_model(tiny_llm).eval()
+    fresh.load_exported(str(tmp_path / "export"))
+    torch.testing.assert_close(fresh(batch).loss, model(batch).loss)
+
+
+def test_bad_model_inputs_fail_before_training(tiny_llm, tmp_path):
+    with pytest.raises(ModelPathError, match="is not a directory"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelPathError, match="has no config.json"):
+        load_tokenizer(str(tmp_path))
+    no_pad = str(tmp_path / "no-pad")
+    shutil.copytree(tiny_llm, no_pad)
+    config_path = os.path.join(no_pad, "tokenizer_config.json")
+    config = json.load(open(config_path))
+    del config["pad_token"]
+    json.dump(config, open(config_path, "w"))
+    with pytest.raises(ModelPathError, match="has no pad token"):
+        load_tokenizer(no_pad)
+    with pytest.raises(ValueError, match=r"target_modules \['c_attn'\] match no layer"):
+        EGMFModel.build(
+            FusionConfig(width=32, heads=4),
+            PromptConfig(),
+            LLMConfig(path=tiny_llm),
+            LoraConfig(target_modules=["c_attn"]),
+            DIMS,
+            torch.device("cpu"),
+        )
+    with pytest.raises(ValueError, match=r"lacks \{text\}"):
+        EGMFModel.build(
+            FusionConfig(width=32, heads=4),
+            PromptConfig(templates={"demo_cls_en": "{signals} {labels}"}),
+            LLMConfig(path=tiny_llm),
+            LoraConfig(),
+            DIMS,
+            torch.device("cpu"),
+        )
