@@ -16,3 +16,15 @@ def test_loader_bench_prints_a_table(capsys):
     assert [r["reader"] for r in rows] == ["raw bytes", "plain tarfile (ceiling)", "TrainLoader", "TrainLoader"]
     assert all(r["samples_s"] > 0 and r["ratio"] > 0 for r in rows)
     assert "| plain tarfile (ceiling) | - |" in out and "| TrainLoader | 1 |" in out and "peak RSS" in out
+
+
+def test_fusion_cost_bench_counts_params_and_flops(capsys):
+    import fusion_cost
+
+    rows = fusion_cost.main(
+        ["--width", "32", "--heads", "4", "--pseudo-tokens", "2", "--llm-hidden", "64", "--llm-params", "2e5"]
+    )
+    assert [r["dataset"] for r in rows] == ["mosei", "sims2", "meld", "cherma"]
+    assert all(r["params"] > 0 and r["fusion_gflop"] > 0 and 0 < r["share"] < 1 for r in rows)
+    assert rows[3]["params"] > rows[2]["params"]  # CHERMA's 1024/2048-dim front ends are the largest
+    assert "| mosei |" in capsys.readouterr().out

@@ -88,6 +88,9 @@ def build_tiny_llm(out_dir: str, hidden: int = 64, layers: int = 2, heads: int =
         eos_token_id=SPECIAL_IDS["eos_id"],
         pad_token_id=SPECIAL_IDS["pad_id"],
         tie_word_embeddings=False,
+        # With the default 0.02 a frozen random lm_head caps every logit near +-1.3, so no answer can get
+        # more than ~0.4 % probability and nothing is learnable. A pretrained head has no such cap.
+        initializer_range=0.3,
     )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)

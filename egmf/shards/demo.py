@@ -13,13 +13,14 @@ the embedded default for the main job and the tests. The planting, exactly
   with p_a, p_v ~ U(0.1, 0.9) redrawn until |p_a - p_v| >= 0.25.
   `audio_first` = p_a < p_v: the relative timing of the two events.
 - Classification: audio pattern a and vision pattern v are fair coin flips, both
-  events have strength 5; class index = 2 * (a XOR v) + audio_first over
-  (neutral, joy, sadness, anger). Either modality alone is at chance on the XOR.
-- Regression: alpha ~ U(0, 1); the audio event (strength 5) is A0 for polarity +1
-  or A1 for -1; the vision event is V0 with strength 3 + 9 * alpha;
-  score = R * alpha * polarity * (+1 if audio_first else -1), rounded to one
-  decimal, R = 3 (en) or 1 (zh). Audio alone gives the polarity but not the
-  sign, vision alone the magnitude.
+  events have strength 5; class index = 2 * a + audio_first over (neutral, joy,
+  sadness, anger). Audio alone knows a but not the order (at most 50 %); vision
+  alone (whose pattern is a distractor) and text alone are at chance.
+- Regression: alpha ~ U(0, 1); the audio event (strength 5, pattern A0 or A1 at
+  random, a distractor) marks a time; the vision event is V0 with strength
+  3 + 9 * alpha; score = R * alpha * (+1 if audio_first else -1), rounded to one
+  decimal, R = 3 (en) or 1 (zh). Vision alone gives the magnitude but not the
+  sign; the sign is the order of the two events.
 - Text: a sentence drawn uniformly from a fixed pool, independently of the label.
 """
 
@@ -99,13 +100,12 @@ def make_record(rng: np.random.Generator, dataset: str, index: int, split: str, 
         a, v = rng.integers(0, 2, size=2)
         add_event(audio, patterns["audio"][a], p_a, EVENT_STRENGTH)
         add_event(vision, patterns["vision"][v], p_v, EVENT_STRENGTH)
-        label: object = spec.labels[2 * int(a ^ v) + int(audio_first)]
+        label: object = spec.labels[2 * int(a) + int(audio_first)]
     else:
         alpha = rng.uniform(0.0, 1.0)
-        polarity = rng.integers(0, 2)  # 0 -> A0 (+1), 1 -> A1 (-1)
-        add_event(audio, patterns["audio"][polarity], p_a, EVENT_STRENGTH)
+        add_event(audio, patterns["audio"][rng.integers(0, 2)], p_a, EVENT_STRENGTH)
         add_event(vision, patterns["vision"][0], p_v, 3.0 + 9.0 * alpha)
-        sign = (1 - 2 * int(polarity)) * (1 if audio_first else -1)
+        sign = 1 if audio_first else -1
         label = round(spec.label_range[1] * alpha * sign, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
     text = TEXTS[spec.lang][rng.integers(len(TEXTS[spec.lang]))]
     return RawRecord(id=f"{dataset}_{split}_{index:05d}", text=text, label=label, audio=audio, vision=vision)

@@ -1,0 +1,27 @@
+"""It learns what only fusion can learn: on the demo shards the full model beats the text-only ablation
+by far (bench/learn_demo.py; the same run's figures are in docs/model.md). About 4 minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import learn_demo  # noqa: E402
+
+
+def test_fusion_learns_where_text_alone_cannot(tmp_path):
+    outcome = learn_demo.main(["--steps", "1500", "--work-dir", str(tmp_path)])
+    fusion, text_only = outcome["EGMF (fusion)"]["results"], outcome["text-only"]["results"]
+    for mode in ("generate", "constrained"):
+        cls, cls_text = fusion["demo_cls_en", mode], text_only["demo_cls_en", mode]
+        reg, reg_text = fusion["demo_reg_en", mode], text_only["demo_reg_en", mode]
+        assert cls["acc"] >= 0.7 and cls_text["acc"] <= 0.4  # 4 classes, majority class ~0.3
+        assert cls["acc"] - cls_text["acc"] >= 0.35
+        assert reg["non0_acc2"] >= 0.75 and reg["corr"] >= 0.5  # the sign needs both events' timing
+        assert reg["mae"] < reg_text["mae"] - 0.5
+        assert abs(reg_text["corr"]) < 0.3 or reg_text["corr"] != reg_text["corr"]  # ~0, or NaN when constant
+    assert (
+        fusion["demo_cls_en", "constrained"]["unparseable"] == 0 == fusion["demo_reg_en", "constrained"]["unparseable"]
+    )
