@@ -179,12 +179,20 @@ def test_constrained_answers_are_always_valid_and_generate_counts_failures(tiny_
     assert constrained.num_unparseable == 0
     assert all(answer in verbaliser.candidates() for answer in constrained.answers)
     assert [verbaliser.parse(a) for a in constrained.answers] == constrained.labels
+
     generated = model.predict(batch, "generate")  # an untrained model babbles
     assert generated.num_unparseable == sum(label is None for label in generated.labels)
     assert all(
         label is None or verbaliser.parse(a) == label
         for a, label in zip(generated.answers, generated.labels, strict=True)
     )
+
+
+def test_weighted_median_picks_the_middle_of_the_mass():
+    from egmf.model.decoding import weighted_median
+
+    probs = torch.tensor([[0.1, 0.2, 0.15, 0.05, 0.5], [0.6, 0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    assert weighted_median(probs.clamp(min=1e-9).log()).tolist() == [3, 0, 4]
 
 
 def test_export_loads_with_plain_peft_and_back_into_the_model(tiny_llm, demo_root, tmp_path):

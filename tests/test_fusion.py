@@ -8,7 +8,7 @@ import torch
 from egmf.model.attention import masked_attention, resolve_backend
 from egmf.model.config import FusionConfig
 from egmf.model.experts import GlobalExpert, LocalExpert, SemanticExpert
-from egmf.model.fusion import FusionModule
+from egmf.model.fusion import FusionModule, check_feature_dims
 
 DIMS = {"demo_cls_en": (16, 12), "demo_reg_zh": (12, 20)}
 LLM_HIDDEN = 48
@@ -209,3 +209,16 @@ def test_flash_matches_sdpa_in_bf16_outputs_and_gradients():
     torch.testing.assert_close(results["flash"][0], results["sdpa"][0], atol=2e-2, rtol=2e-2)
     for g_flash, g_sdpa in zip(results["flash"][1], results["sdpa"][1], strict=True):
         torch.testing.assert_close(g_flash, g_sdpa, atol=5e-2, rtol=5e-2)
+
+
+def test_feature_dims_are_checked_against_the_manifests_before_training(demo_root):
+    from egmf.shards.manifest import load_manifest
+
+    manifests = [load_manifest(demo_root, name, "train") for name in ("demo_cls_en", "demo_reg_zh", "demo_cls_zh")]
+    check_feature_dims({"demo_cls_en": (16, 12), "demo_reg_zh": (12, 20), "demo_cls_zh": (12, 20)}, manifests)
+    with pytest.raises(
+        ValueError,
+        match=r"demo_reg_zh/train: shards have audio 12 / vision 20, the model expects "
+        r"12 / 21.*demo_cls_zh/train: the model has no front end",
+    ):
+        check_feature_dims({"demo_cls_en": (16, 12), "demo_reg_zh": (12, 21)}, manifests)

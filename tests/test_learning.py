@@ -20,8 +20,8 @@ def test_fusion_learns_where_text_alone_cannot(tmp_path):
         assert cls["acc"] >= 0.7 and cls_text["acc"] <= 0.4  # 4 classes, majority class ~0.3
         assert cls["acc"] - cls_text["acc"] >= 0.35
         assert reg["non0_acc2"] >= 0.75 and reg["corr"] >= 0.5  # the sign needs both events' timing
-        assert reg["mae"] < reg_text["mae"] - 0.5
+        assert reg["mae"] < reg_text["mae"] - 0.3
         assert abs(reg_text["corr"]) < 0.3 or reg_text["corr"] != reg_text["corr"]  # ~0, or NaN when constant
-    assert (
-        fusion["demo_cls_en", "constrained"]["unparseable"] == 0 == fusion["demo_reg_en", "constrained"]["unparseable"]
-    )
+    assert fusion["demo_reg_en", "constrained"]["mae"] < 1.25  # always answering 0 scores ~1.5
+    assert fusion["demo_cls_en", "constrained"]["unparseable"] == 0
+    assert fusion["demo_reg_en", "constrained"]["unparseable"] == 0

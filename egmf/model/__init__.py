@@ -1,1 +1,1 @@
-"""The EGMF model: attention kernels, fusion experts and gating, pseudo tokens (and, next, the LoRA LLM)."""
+"""The EGMF model: attention kernels, fusion experts and gating, pseudo tokens, prompts, the LoRA LLM, decoding."""

@@ -20,7 +20,7 @@ from torch import nn
 from egmf.data.collate import Batch
 from egmf.datasets import CLASSIFICATION
 from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
-from egmf.model.decoding import TokenTrie, greedy, score_candidates
+from egmf.model.decoding import greedy, score_candidates, weighted_median
 from egmf.model.fusion import FusionModule
 from egmf.model.llm import load_llm
 from egmf.model.prompt import PromptBatch, PromptBuilder, PromptConfig
@@ -124,12 +124,12 @@ class EGMFModel(nn.Module):
         prompt, embeds, _ = self.prompt_embeddings(batch, with_answers=False)
         args = (self.llm, self.embed, embeds, prompt.attention_mask, prompt.position_ids)
         candidates = [self.prompts.answer_tokens(c) for c in verbaliser.candidates()]
-        if mode == "constrained" and batch.task == CLASSIFICATION:
-            best = score_candidates(*args, candidates, self.tokenizer.pad_token_id).argmax(-1).tolist()
+        if mode == "constrained":
+            scores = score_candidates(*args, candidates, self.tokenizer.pad_token_id)
+            best = (scores.argmax(-1) if batch.task == CLASSIFICATION else weighted_median(scores)).tolist()
             labels = [verbaliser.candidate_label(i) for i in best]
             return Predictions(labels, [verbaliser.candidates()[i] for i in best], 0)
-        trie = TokenTrie(candidates) if mode == "constrained" else None
-        generated = greedy(*args, self.tokenizer.eos_token_id, max_new_tokens, trie)
+        generated = greedy(*args, self.tokenizer.eos_token_id, max_new_tokens)
         answers = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
         labels = [verbaliser.parse(a) for a in answers]
         return Predictions(labels, answers, sum(label is None for label in labels))

@@ -169,3 +169,21 @@ class FusionModule(nn.Module):
                 f"the model expects {expected[0]} / {expected[1]}; rebuild the shards or the model "
                 "config so they agree"
             )
+
+
+def check_feature_dims(feature_dims: dict[str, tuple[int, int]], manifests: list) -> None:
+    """Before training: every split's feature dims (from its manifest) must match the model's, all named at once."""
+    problems = []
+    for m in manifests:
+        if m.dataset not in feature_dims:
+            problems.append(f"{m.dataset}/{m.split}: the model has no front end for it (add it to feature_dims)")
+        elif (m.audio_dim, m.vision_dim) != tuple(feature_dims[m.dataset]):
+            expected = feature_dims[m.dataset]
+            problems.append(
+                f"{m.dataset}/{m.split}: shards have audio {m.audio_dim} / vision {m.vision_dim}, "
+                f"the model expects {expected[0]} / {expected[1]}"
+            )
+    if problems:
+        raise ValueError(
+            "feature dims do not match: " + "; ".join(problems) + ". Rebuild the shards or fix the model's feature_dims"
+        )
