@@ -29,7 +29,8 @@ import numpy as np
 from egmf.data.config import DataConfig
 from egmf.data.loader import TrainLoader
 from egmf.datasets import get_spec
-from egmf.shards.writer import RawRecord, ShardLimits, write_split
+from egmf.shards.clean import RawRecord
+from egmf.shards.writer import ShardLimits, write_split
 
 
 class MoseiShapedRecords(Sequence):

@@ -233,8 +233,9 @@ def test_bad_model_inputs_fail_before_training(tiny_llm, tmp_path):
     config = json.load(open(config_path))
     del config["pad_token"]
     json.dump(config, open(config_path, "w"))
-    with pytest.raises(ModelPathError, match="has no pad token"):
+    with pytest.raises(ModelPathError, match="has no pad token; set llm.pad_token"):
         load_tokenizer(no_pad)
+    assert load_tokenizer(no_pad, pad_token="<unk>").pad_token_id == 0  # the recipe's way out
     with pytest.raises(ValueError, match=r"target_modules \['c_attn'\] match no layer"):
         EGMFModel.build(
             FusionConfig(width=32, heads=4),

@@ -65,6 +65,8 @@ class LLMConfig:
     """'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'."""
     gradient_checkpointing: bool = False
     """Recompute LLM activations in the backward pass (non-reentrant, so LoRA still gets gradients)."""
+    pad_token: str = ""
+    """Token used for padding when the tokenizer has none (Llama 3: "<|end_of_text|>"); padding is always masked."""
 
 
 @dataclass

@@ -48,16 +48,18 @@ def check_model_dir(path: str) -> None:
         )
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, pad_token: str = "") -> PreTrainedTokenizerBase:
     check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelPathError(f"cannot load a tokenizer from {path}: {exc}") from None
+    if tokenizer.pad_token_id is None and pad_token:
+        tokenizer.pad_token = pad_token
     if tokenizer.pad_token_id is None:
         raise ModelPathError(
-            f"the tokenizer in {path} has no pad token; add one to its tokenizer_config.json "
-            '(e.g. "pad_token": "<|endoftext|>" for Qwen, or the unk token for Llama)'
+            f"the tokenizer in {path} has no pad token; set llm.pad_token to one of its tokens "
+            '(padding is always masked, so e.g. "<|end_of_text|>" for Llama 3 is fine)'
         )
     if tokenizer.eos_token_id is None:
         raise ModelPathError(f"the tokenizer in {path} has no eos token; the model could not end its answers")
@@ -77,7 +79,7 @@ def load_llm(cfg: LLMConfig, lora: LoraConfig, attention: str, device: torch.dev
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    tokenizer = load_tokenizer(cfg.path)
+    tokenizer = load_tokenizer(cfg.path, cfg.pad_token)
     try:
         base = AutoModelForCausalLM.from_pretrained(
             cfg.path,

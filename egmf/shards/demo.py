@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 from egmf.datasets import CLASSIFICATION, DEMO_DATASETS, SPLITS, get_spec
-from egmf.shards.writer import RawRecord, ShardLimits, write_split
+from egmf.shards.clean import RawRecord
+from egmf.shards.writer import ShardLimits, write_split
 
 DIMS = {"en": (16, 12), "zh": (12, 20)}
 AUDIO_FRAMES = (24, 64)

@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 
 from egmf.errors import DataError
-from egmf.shards.writer import RawRecord
+from egmf.shards.clean import RawRecord
 
 MMSA_SPLITS = ("train", "valid", "test")
 MMSA_REQUIRED = ("raw_text", "audio", "vision", "id", "regression_labels")
