@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ import pytest
 from egmf.datasets import get_spec
 from egmf.shards.demo import build_demo, demo_patterns, make_record
 from egmf.shards.writer import ShardLimits, write_split
+
+# The benchmark scripts are tested too (tiny shapes), so they can be imported as modules.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 MOSEI_DIMS = (74, 35)
 MELD_DIMS = (64, 64)

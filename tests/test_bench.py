@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-
-import loader as bench_loader  # noqa: E402
+import loader as bench_loader
 
 
 def test_loader_bench_prints_a_table(capsys):

@@ -125,7 +125,7 @@ def test_candidate_scoring_matches_one_forward_per_candidate(tiny_llm, demo_root
     model = build_model(tiny_llm).eval()
     batch = first_batch(demo_root, "demo_cls_zh", batch_size=2)
     prompt, embeds, _ = model.prompt_embeddings(batch, with_answers=False)
-    candidates = [model.prompts.answer_tokens(c) for c in model.prompts.verbaliser("demo_cls_zh").candidates()]
+    candidates = model.prompts.candidate_tokens("demo_cls_zh")
     scores = score_candidates(
         model.llm,
         model.embed,

@@ -3,14 +3,11 @@ by far (bench/learn_demo.py; the same run's figures are in docs/model.md). About
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-
-import learn_demo  # noqa: E402
+import learn_demo
+import pytest
 
 
+@pytest.mark.timeout(1200)  # ~4 min alone on 2 cores; leave room for a slower or busier machine
 def test_fusion_learns_where_text_alone_cannot(tmp_path):
     outcome = learn_demo.main(["--steps", "1500", "--work-dir", str(tmp_path)])
     fusion, text_only = outcome["EGMF (fusion)"]["results"], outcome["text-only"]["results"]

@@ -123,9 +123,8 @@ class EGMFModel(nn.Module):
         verbaliser = self.prompts.verbaliser(batch.dataset)
         prompt, embeds, _ = self.prompt_embeddings(batch, with_answers=False)
         args = (self.llm, self.embed, embeds, prompt.attention_mask, prompt.position_ids)
-        candidates = [self.prompts.answer_tokens(c) for c in verbaliser.candidates()]
         if mode == "constrained":
-            scores = score_candidates(*args, candidates, self.tokenizer.pad_token_id)
+            scores = score_candidates(*args, self.prompts.candidate_tokens(batch.dataset), self.tokenizer.pad_token_id)
             best = (scores.argmax(-1) if batch.task == CLASSIFICATION else weighted_median(scores)).tolist()
             labels = [verbaliser.candidate_label(i) for i in best]
             return Predictions(labels, [verbaliser.candidates()[i] for i in best], 0)

@@ -89,6 +89,7 @@ class PromptBuilder:
         self.num_pseudo = 0 if cfg.text_only else num_pseudo_tokens
         self.verbalisers: dict[str, Verbaliser] = {}
         self._pieces: dict[str, tuple[list[int], list[int], list[int]]] = {}
+        self._candidates: dict[str, list[list[int]]] = {}
 
     def verbaliser(self, dataset: str) -> Verbaliser:
         if dataset not in self.verbalisers:
@@ -101,6 +102,12 @@ class PromptBuilder:
     def answer_tokens(self, answer: str) -> list[int]:
         """How an answer is written after the cue, eos included (the same in training and decoding)."""
         return self.tokens(" " + answer) + [self.tokenizer.eos_token_id]
+
+    def candidate_tokens(self, dataset: str) -> list[list[int]]:
+        """The answer tokens of every valid answer of a dataset (cached: evaluation asks every batch)."""
+        if dataset not in self._candidates:
+            self._candidates[dataset] = [self.answer_tokens(c) for c in self.verbaliser(dataset).candidates()]
+        return self._candidates[dataset]
 
     def pieces(self, dataset: str) -> tuple[list[int], list[int], list[int]]:
         """Token ids of the template around the pseudo tokens and the utterance (cached per dataset)."""
