@@ -15,6 +15,12 @@ offsets (skipping undecoded) and continues the stream instead of replaying it.
 Global batch g of an epoch comes from virtual worker g % W (DataLoader takes
 workers in turn). When resuming at step s, real worker i plays virtual worker
 (s + i) % W, so the order continues exactly.
+
+Which dataset batch g comes from is drawn from (seed, epoch, g) alone, the same
+on every rank: each dataset has its own feature front end, and ZeRO-2 reduces
+gradients bucket by bucket in the order their hooks fire, so every rank must
+run the same graph at the same step (different graphs would pair up different
+gradients in the collectives).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from egmf.data.collate import Batch, collate
 from egmf.data.tar_samples import BadSamples, RawSample, decode_valid, read_shard
 from egmf.shards.manifest import SplitManifest
+
+_MIXING_STREAM = 0x6D6978  # keeps the mixing draws apart from the shard draws seeded with the same numbers
 
 
 @dataclass
@@ -125,8 +133,13 @@ class TrainStream(IterableDataset):
             self, virtual, rng, snapshot["batches"], snapshot["bad_samples"], positions=snapshot["open_shards"]
         )
 
+    def dataset_of_step(self, step: int) -> int:
+        """Index of the dataset that global batch `step` of this epoch comes from: the same on every rank."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.reseed, step, _MIXING_STREAM])
+        return int(rng.choice(len(self.manifests), p=self.weights))
+
     def _next_batch(self, state: _WorkerState) -> Batch:
-        source = int(state.rng.choice(len(self.manifests), p=self.weights))
+        source = self.dataset_of_step(state.batches * self.num_workers + state.virtual)
         manifest, interleaver = self.manifests[source], state.interleavers[source]
         samples = []
         while len(samples) < self.settings.batch_size:
