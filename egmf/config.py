@@ -22,6 +22,14 @@ from typing import Any
 from egmf.data.config import DataConfig
 from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
 from egmf.model.prompt import PromptConfig
+from egmf.train.config import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    MLflowConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 
 class ConfigError(ValueError):
@@ -40,6 +48,18 @@ class Config:
     """The causal LLM backbone."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters on the LLM."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, learning-rate schedule, accumulation, clipping."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Length of the run, output folder, logging, device."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic and final evaluation, best-checkpoint choice, early stopping."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    """Experiment tracking."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """The DeepSpeed engine's JSON config."""
 
     def problems(self) -> list[str]:
         datasets = sorted(set(self.data.train) | set(self.data.eval))
@@ -47,6 +67,10 @@ class Config:
             self.data.problems()
             + self.fusion.problems()
             + self.prompt.problems([d for d in datasets if _known_dataset(d)])
+            + self.optim.problems()
+            + self.train.problems()
+            + self.eval.problems([d for d in self.data.eval if _known_dataset(d)])
+            + self.checkpoint.problems()
         )
 
     def to_dict(self) -> dict:
@@ -78,17 +102,17 @@ def read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict:
     return deep_merge(merged, table)
 
 
-def deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict, prefix: str = "") -> dict:
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _TABLE_VALUED:
-            deep_merge(base[key], value)
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and prefix + key not in _TABLE_VALUED:
+            deep_merge(base[key], value, f"{prefix}{key}.")
         else:
             base[key] = value
     return base
 
 
 # Fields whose value is itself a table: a recipe replaces them whole rather than merging key by key.
-_TABLE_VALUED = {"train"}
+_TABLE_VALUED = {"data.train", "eval.select"}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -114,13 +138,16 @@ def apply_override(table: dict, path: list[str], value: Any) -> None:
 
 
 def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
-    table = read_recipe(recipe) if recipe else {}
+    return config_from_table(read_recipe(recipe) if recipe else {}, overrides)
+
+
+def config_from_table(table: dict, overrides: list[str] = ()) -> Config:
+    """A checked Config from a parsed recipe (or a saved config.json) plus overrides."""
     for text in overrides:
         apply_override(table, *parse_override(text))
     problems: list[str] = []
     cfg = build(Config, table, "", problems)
-    if not problems:
-        problems = cfg.problems()
+    problems += cfg.problems()  # fields with unknown keys or wrong types kept their defaults: still checkable
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg

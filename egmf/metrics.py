@@ -39,6 +39,19 @@ def score(dataset: str, predictions: Sequence, targets: Sequence) -> dict[str, f
     return mosei_metrics(preds, truth) if spec.label_range[1] == 3.0 else sims_metrics(preds, truth)
 
 
+CLASSIFICATION_METRICS = ("acc", "wf1")
+MOSEI_METRICS = ("has0_acc2", "has0_f1", "non0_acc2", "non0_f1", "acc5", "acc7", "mae", "corr")
+SIMS_METRICS = ("acc2", "acc3", "acc5", "f1", "mae", "corr")
+
+
+def metric_names(dataset: str) -> tuple[str, ...]:
+    """The names `score` returns for this dataset."""
+    spec = get_spec(dataset)
+    if spec.task == CLASSIFICATION:
+        return CLASSIFICATION_METRICS
+    return MOSEI_METRICS if spec.label_range[1] == 3.0 else SIMS_METRICS
+
+
 def classification_metrics(predictions: Sequence, targets: Sequence, labels: Sequence[str]) -> dict[str, float]:
     preds = ["<unparseable>" if p is None else p for p in predictions]
     return {

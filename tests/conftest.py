@@ -104,3 +104,19 @@ def demo_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("demo"))
     build_demo(root, {"train": 96, "valid": 40, "test": 40}, seed=0, shard_samples=16)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> str:
+    """A tiny real Llama + SentencePiece tokenizer directory (read-only)."""
+    from egmf.model.tiny import build_tiny_llm
+
+    return build_tiny_llm(str(tmp_path_factory.mktemp("tiny-llm")))
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> str:
+    """Demo shards sized for trainer runs: 8 train shards per set (enough for 2 ranks x 2 workers)."""
+    root = str(tmp_path_factory.mktemp("train-shards"))
+    build_demo(root, {"train": 256, "valid": 24, "test": 24}, seed=0, shard_samples=32)
+    return root

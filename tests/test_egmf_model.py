@@ -17,15 +17,9 @@ from egmf.model.decoding import greedy, score_candidates
 from egmf.model.egmf_model import EGMFModel
 from egmf.model.llm import ModelPathError, load_tokenizer
 from egmf.model.prompt import IGNORE, PromptConfig
-from egmf.model.tiny import build_tiny_llm
 
 DIMS = {"demo_cls_en": (16, 12), "demo_cls_zh": (12, 20), "demo_reg_en": (16, 12), "demo_reg_zh": (12, 20)}
 K = 4
-
-
-@pytest.fixture(scope="session")
-def tiny_llm(tmp_path_factory) -> str:
-    return build_tiny_llm(str(tmp_path_factory.mktemp("tiny-llm")))
 
 
 def build_model(tiny_llm, checkpointing=False, text_only=False) -> EGMFModel:

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from egmf.metrics import score
+from egmf.datasets import get_spec
+from egmf.metrics import metric_names, score
 
 
 def test_classification_acc_and_weighted_f1():
@@ -92,3 +93,10 @@ def test_bad_inputs_say_what_is_wrong():
         score("meld", ["joy", "joy"], ["joy"])
     with pytest.raises(ValueError, match="unparseable answers"):
         score("mosei", [None, 1.0], [0.0, 1.0])
+
+
+@pytest.mark.parametrize("dataset", ["meld", "cherma", "mosei", "sims2", "demo_cls_en", "demo_reg_zh"])
+def test_metric_names_are_what_score_returns(dataset):
+    spec = get_spec(dataset)
+    preds = list(spec.labels[:2]) if spec.labels else [0.5, -0.5]
+    assert tuple(score(dataset, preds, preds)) == metric_names(dataset)

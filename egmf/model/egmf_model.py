@@ -37,6 +37,8 @@ class EGMFOutput:
     expert_weights: torch.Tensor | None
     """[B, E] level-2 gate values (None in the text-only ablation)."""
     inner_gates: dict[str, torch.Tensor]
+    num_tokens: int = 0
+    """LLM positions processed (prompt, pseudo tokens and answers; padding excluded)."""
 
 
 @dataclass
@@ -112,9 +114,10 @@ class EGMFModel(nn.Module):
             labels=prompt.labels,
             use_cache=False,
         )
+        num_tokens = int(prompt.attention_mask.sum())
         if fused is None:
-            return EGMFOutput(out.loss, None, {})
-        return EGMFOutput(out.loss, fused.expert_weights, fused.inner_gates)
+            return EGMFOutput(out.loss, None, {}, num_tokens)
+        return EGMFOutput(out.loss, fused.expert_weights, fused.inner_gates, num_tokens)
 
     @torch.no_grad()
     def predict(self, batch: Batch, mode: str, max_new_tokens: int = 8) -> Predictions:

@@ -90,7 +90,8 @@ class PseudoTokens(nn.Module):
         self.attn = MultiHeadAttention(width, heads, backend)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm_hidden))
         # The LLM's own token embeddings have a typical RMS; pseudo tokens start at the same scale.
-        self.scale = nn.Parameter(torch.tensor(float(llm_embed_rms)))
+        # Shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
+        self.scale = nn.Parameter(torch.full((1,), float(llm_embed_rms)))
 
     def forward(self, fused: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b = fused.shape[0]

@@ -1,0 +1,95 @@
+"""Who this process is, read from the environment, so one code path runs under every launcher.
+
+    world = world_info_from_env()        # deepspeed / torchrun: RANK...; srun: SLURM_PROCID...; else one process
+    device = pick_device(world, "auto")
+    init_distributed(world, device)      # gloo on CPUs, nccl on GPUs; a single process gets a private port
+
+Reading ranks from the environment (not from --local_rank) keeps `main(argv)`
+testable in-process and identical under `deepspeed`, `torchrun` and `srun`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:  # deepspeed, torchrun, torch.distributed.run
+        return WorldInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:  # one srun task per rank
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
+    return WorldInfo(0, 0, 1)
+
+
+def pick_device(world: WorldInfo, choice: str) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use train.device=auto or cpu")
+    device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(world: WorldInfo, device: torch.device, timeout_minutes: int = 30) -> None:
+    """Start the process group (also for one process: DeepSpeed needs one)."""
+    import deepspeed
+
+    env = {"RANK": world.rank, "LOCAL_RANK": world.local_rank, "WORLD_SIZE": world.world_size}
+    for key, value in env.items():
+        os.environ.setdefault(key, str(value))
+    if world.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_ADDR" not in os.environ:
+        raise RuntimeError(
+            f"rank {world.rank} of {world.world_size}: MASTER_ADDR is not set; launch with deepspeed, torchrun "
+            "or slurm/train_egmf.sh, which set the rendezvous address"
+        )
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        verbose=False,
+    )
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def host_names(world: WorldInfo) -> list[str]:
+    """Host name of every rank (a collective: call it on all ranks)."""
+    names = [None] * world.world_size
+    dist.all_gather_object(names, socket.gethostname())
+    return names
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

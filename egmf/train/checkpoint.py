@@ -1,0 +1,177 @@
+"""Checkpoints: complete or absent, never half-written.
+
+    OUTPUT_DIR/checkpoints/
+      latest                      text: the folder name of the newest complete checkpoint
+      step_00000200/
+        deepspeed/                every rank's part of the DeepSpeed save (trainable weights, optimizer
+                                  partitions, scheduler); frozen base weights excluded (peft #746)
+        export/                   adapter/ (peft) + fusion.safetensors: usable without this trainer
+        loader_rank{R}.json       each rank's data-stream position
+        rng_rank{R}.pt            each rank's torch RNG states (loaded with weights_only=True)
+        config.json               the resolved config
+        ds_config.json            the DeepSpeed config the engine ran with
+        meta.json                 step, metrics, MLflow run id, world size (written last)
+
+A save goes to `.partial-step_N/`; rank 0 renames it to `step_N/` only when
+every rank has finished, then replaces `latest` atomically. A crash at any
+point leaves `latest` naming the previous complete checkpoint. Assumes a file
+system shared by all nodes, as Slurm clusters have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from egmf.distributed import WorldInfo, barrier
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+DEEPSPEED_TAG = "deepspeed"
+EXPORT = "export"
+META = "meta.json"
+PARTIAL_PREFIX = ".partial-"
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINTS)
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = checkpoints_dir(output_dir)
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return None
+    path = os.path.join(root, name)
+    if not os.path.isfile(os.path.join(path, META)):
+        raise RuntimeError(
+            f"{root}/{LATEST} names {name}, which is incomplete or missing; delete {LATEST} to start over"
+        )
+    return path
+
+
+def resolve_resume(resume: str, output_dir: str) -> str | None:
+    """The checkpoint to continue from: checkpoint.resume is 'auto', 'never' or a checkpoint folder."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    if not os.path.isfile(os.path.join(resume, META)):
+        raise FileNotFoundError(
+            f"checkpoint.resume={resume} is not a complete checkpoint (no {META}); use a folder under "
+            f"{checkpoints_dir(output_dir)}, 'auto' or 'never'"
+        )
+    return resume
+
+
+def read_meta(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, META)) as f:
+        return json.load(f)
+
+
+def write_json(path: str, value: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(
+    engine,
+    world: WorldInfo,
+    output_dir: str,
+    step: int,
+    loader_state: dict,
+    keep_last: int,
+    config: dict,
+    ds_config: dict,
+    meta: dict,
+) -> str:
+    """Every rank calls this; returns the complete checkpoint's folder. The dicts are written by rank 0."""
+    root = checkpoints_dir(output_dir)
+    final = os.path.join(root, step_name(step))
+    partial = os.path.join(root, PARTIAL_PREFIX + step_name(step))
+    if world.is_logging_rank:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save of this step
+        os.makedirs(partial)
+    barrier()
+    engine.save_checkpoint(partial, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    write_json(os.path.join(partial, f"loader_rank{world.rank}.json"), loader_state)
+    torch.save(rng_state(), os.path.join(partial, f"rng_rank{world.rank}.pt"))
+    if world.is_logging_rank:
+        engine.module.export(os.path.join(partial, EXPORT))
+        write_json(os.path.join(partial, "config.json"), config)
+        write_json(os.path.join(partial, "ds_config.json"), ds_config)
+        write_json(os.path.join(partial, META), {"step": step, "world_size": world.world_size, **meta})
+    barrier()  # every rank's files are in place
+    if world.is_logging_rank:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        write_text_atomic(os.path.join(root, LATEST), step_name(step))
+        prune(root, keep_last)
+    barrier()
+    return final
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints."""
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    for name in names[:-keep_last]:
+        shutil.rmtree(os.path.join(root, name))
+
+
+def remove_partial_saves(output_dir: str) -> None:
+    root = checkpoints_dir(output_dir)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(PARTIAL_PREFIX):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_checkpoint(engine, world: WorldInfo, checkpoint: str) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns this rank's loader state.
+
+    With more ranks than the checkpoint had, a new rank takes rank 0's loader state (the loader sees the
+    changed layout and draws fresh shards) and keeps its own RNG.
+    """
+    # frozen base weights are not in the checkpoint: non-strict loading (peft #746, #1395)
+    engine.load_checkpoint(checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False)
+    rng_file = os.path.join(checkpoint, f"rng_rank{world.rank}.pt")
+    if os.path.exists(rng_file):
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    loader_file = os.path.join(checkpoint, f"loader_rank{world.rank}.json")
+    if not os.path.exists(loader_file):
+        loader_file = os.path.join(checkpoint, "loader_rank0.json")
+    with open(loader_file) as f:
+        return json.load(f)

@@ -1,0 +1,136 @@
+"""Evaluation across ranks: every sample exactly once, both decoding modes, the field's metrics.
+
+    results, rows = evaluate(model, cfg, "valid", world)     # results[dataset][mode] -> metrics (rank 0)
+    score = selection_score(results, cfg.eval, cfg.data.eval)
+
+Each rank decodes its share of each split (EvalLoader), the prediction rows
+are gathered on rank 0, which scores them with `egmf.metrics.score`. Decoding
+runs no collectives (ZeRO-2 keeps full weights on every rank), so ranks skip
+their padding batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch.distributed as dist
+
+from egmf.config import Config
+from egmf.data.loader import EvalLoader
+from egmf.datasets import CLASSIFICATION, get_spec
+from egmf.distributed import WorldInfo
+from egmf.metrics import score
+from egmf.train.config import EvalConfig
+
+
+@dataclass
+class PredictionRow:
+    id: str
+    dataset: str
+    split: str
+    mode: str
+    target: str | float
+    prediction: str | float | None
+    """None where a generated answer did not parse."""
+    answer: str
+    """The raw answer text."""
+
+
+def evaluate(model, cfg: Config, split: str, world: WorldInfo, modes: list[str] | None = None):
+    """(results, rows): results[dataset][mode] holds the metrics plus 'unparseable' and 'samples'; rank 0 only."""
+    data_cfg = replace(cfg.data, batch_size=cfg.eval.batch_size or cfg.data.batch_size)
+    was_training = model.training
+    model.eval()
+    rows: list[PredictionRow] = []
+    for dataset in cfg.data.eval:
+        for batch in EvalLoader(data_cfg, dataset, split, world.rank, world.world_size):
+            valid = batch.valid.tolist()
+            if not any(valid):
+                continue
+            for mode in modes or cfg.eval.modes:
+                preds = model.predict(batch, mode, cfg.eval.max_new_tokens)
+                for i, ok in enumerate(valid):
+                    if ok:
+                        rows.append(
+                            PredictionRow(
+                                batch.ids[i], dataset, split, mode, batch.labels[i], preds.labels[i], preds.answers[i]
+                            )
+                        )
+    model.train(was_training)
+    rows = gather_rows(rows, world)
+    if not world.is_logging_rank:
+        return {}, []
+    return score_rows(rows), rows
+
+
+def gather_rows(rows: list[PredictionRow], world: WorldInfo) -> list[PredictionRow]:
+    if world.world_size == 1:
+        return rows
+    gathered = [None] * world.world_size if world.is_logging_rank else None
+    dist.gather_object(rows, gathered, dst=0)
+    return [row for part in gathered for row in part] if world.is_logging_rank else []
+
+
+def score_rows(rows: list[PredictionRow]) -> dict[str, dict[str, dict[str, float]]]:
+    grouped: dict[tuple[str, str], list[PredictionRow]] = {}
+    for row in sorted(rows, key=lambda r: r.id):
+        grouped.setdefault((row.dataset, row.mode), []).append(row)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for (dataset, mode), group in grouped.items():
+        unparseable = sum(r.prediction is None for r in group)
+        # Unparseable answers count as wrong for classes; scores cannot be scored without a number.
+        scored = [r for r in group if r.prediction is not None or get_spec(dataset).task == CLASSIFICATION]
+        metrics = score(dataset, [r.prediction for r in scored], [r.target for r in scored]) if scored else {}
+        metrics.update(unparseable=unparseable, samples=len(group))
+        results.setdefault(dataset, {})[mode] = metrics
+    return results
+
+
+def default_selection(datasets: list[str]) -> dict[str, float]:
+    """wf1 for classification sets, -mae for regression sets, averaged: higher is better."""
+    return {
+        f"{d}/wf1" if get_spec(d).task == CLASSIFICATION else f"{d}/mae": (
+            1.0 if get_spec(d).task == CLASSIFICATION else -1.0
+        )
+        / len(datasets)
+        for d in datasets
+    }
+
+
+def selection_score(results: dict, cfg: EvalConfig, datasets: list[str]) -> float:
+    """The best-checkpoint score of one evaluation (higher is better); -inf if a metric is missing."""
+    total = 0.0
+    for key, weight in (cfg.select or default_selection(datasets)).items():
+        dataset, metric = key.split("/", 1)
+        value = results.get(dataset, {}).get(cfg.select_mode, {}).get(metric, float("nan"))
+        if math.isnan(value):
+            return float("-inf")
+        total += weight * value
+    return total
+
+
+def flat_metrics(results: dict, split: str, prefix: str = "eval") -> dict[str, float]:
+    """MLflow keys: eval/SPLIT/DATASET/MODE/METRIC."""
+    return {
+        f"{prefix}/{split}/{dataset}/{mode}/{name}": value
+        for dataset, by_mode in results.items()
+        for mode, metrics in by_mode.items()
+        for name, value in metrics.items()
+        if not (isinstance(value, float) and math.isnan(value))
+    }
+
+
+def write_predictions(rows: list[PredictionRow], path: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+    return path
+
+
+def read_predictions(path: str) -> list[PredictionRow]:
+    with open(path) as f:
+        return [PredictionRow(**json.loads(line)) for line in f]

@@ -1,0 +1,374 @@
+"""The training loop on a DeepSpeed engine, with evaluation, best-model choice and checkpoints between steps.
+
+    trainer = Trainer(cfg, ds_config, world, device)   # the config was validated before any process group
+    trainer.setup(resume_from)                         # model, engine, loader, tracker; restores a checkpoint
+    trainer.train()                                    # -> train_step() -> forward_backward()
+
+Every rank runs the same number of micro-batches (TrainLoader) and takes every
+decision the same way: skipping a non-finite loss is agreed by all-reduce,
+early stopping is broadcast from rank 0. Anything that could differ between
+ranks and lead to a collective on one rank only is a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from egmf.config import Config
+from egmf.data.loader import TrainLoader
+from egmf.distributed import WorldInfo, host_names
+from egmf.model.egmf_model import EGMFModel
+from egmf.tracking import flatten, open_tracker
+from egmf.train import checkpoint
+from egmf.train.ds_config import offloads_optimizer, precision_name
+from egmf.train.evaluation import evaluate, flat_metrics, selection_score, write_predictions
+from egmf.train.optim import build_optimizer, build_scheduler, param_groups
+from egmf.train.preflight import feature_dims
+from egmf.train.throughput import Window, llm_flops_per_token, peak_flops
+
+logger = logging.getLogger("egmf.train")
+
+BEST = "best"
+FINAL_METRICS = "final_metrics.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run is diverging."""
+
+
+@dataclass
+class RunState:
+    """What a checkpoint's meta.json carries to continue the run."""
+
+    step: int = 0
+    mlflow_run_id: str | None = None
+    best_score: float = -math.inf
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    skipped_nonfinite: int = 0
+    metrics: dict = field(default_factory=dict)
+    """The latest evaluation's metrics (MLflow keys)."""
+
+
+def build_model(cfg: Config, device: torch.device) -> EGMFModel:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    return EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, feature_dims(cfg), device)
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_config: dict, world: WorldInfo, device: torch.device):
+        self.cfg, self.ds_config, self.world, self.device = cfg, ds_config, world, device
+        self.output_dir = cfg.train.output_dir
+        self.state = RunState()
+        self.saved_step = -1
+
+    # ---- setup ---------------------------------------------------------------------------------
+
+    def setup(self, resume_from: str | None) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        model = build_model(cfg, self.device)
+        self.flops_per_token = llm_flops_per_token(model)
+        self.peak = peak_flops(self.device, cfg.train.peak_tflops)
+        self.expert_names = list(model.fusion.cfg.experts) if model.fusion is not None else []
+        optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, offloads_optimizer(self.ds_config))
+        self.loader = TrainLoader(cfg.data, self.world.rank, self.world.world_size)
+        self.total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(self.loader) / cfg.optim.grad_accum)
+        scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+        )
+        if resume_from:
+            self.loader.load_state_dict(checkpoint.load_checkpoint(self.engine, self.world, resume_from))
+            meta = checkpoint.read_meta(resume_from)
+            self.state = RunState(**{k: meta[k] for k in asdict(RunState()) if k in meta})
+            self.saved_step = self.state.step
+            logger.info("resumed from %s at step %d", resume_from, self.state.step)
+        if self.world.is_logging_rank:
+            checkpoint.remove_partial_saves(self.output_dir)
+        hosts = host_names(self.world)
+        self.tracker = open_tracker(cfg.mlflow, self.output_dir, self.world, self.state.mlflow_run_id)
+        self.state.mlflow_run_id = self.tracker.run_id
+        self.start_tracking(hosts)
+
+    def start_tracking(self, hosts: list[str]) -> None:
+        import deepspeed
+
+        tracker = self.tracker
+        tracker.log_params(flatten(self.cfg.to_dict()))
+        tracker.set_tags(
+            {
+                "git_commit": git_commit(),
+                "world_size": self.world.world_size,
+                "num_nodes": len(set(hosts)),
+                "hosts": ",".join(sorted(set(hosts))),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                "deepspeed_version": deepspeed.__version__,
+                "torch_version": torch.__version__,
+                "device": self.device.type,
+                "precision": precision_name(self.ds_config),
+            }
+        )
+        if self.world.is_logging_rank:
+            os.makedirs(self.output_dir, exist_ok=True)
+            for name, value in (("config.json", self.cfg.to_dict()), ("ds_config.json", self.ds_config)):
+                checkpoint.write_json(os.path.join(self.output_dir, name), value)
+                tracker.log_artifact(os.path.join(self.output_dir, name), "config")
+            logger.info("MLflow run %s in %s", tracker.run_id, tracker.uri)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> str:
+        """Train to the end (or an early or requested stop); returns 'finished', 'stopped' or 'complete'."""
+        if self.state.step >= self.total_steps and os.path.exists(os.path.join(self.output_dir, FINAL_METRICS)):
+            logger.info("the run in %s is already complete (step %d)", self.output_dir, self.state.step)
+            return "complete"
+        self.engine.train()
+        batches = self.batches()
+        window = Window(self.expert_names)
+        progress = self.progress_bar()
+        early_stop = False
+        while self.state.step < self.total_steps and not early_stop:
+            self.train_step(batches, window)
+            step = self.state.step
+            progress.update(1)
+            if step % self.cfg.train.log_every == 0 or step == self.total_steps:
+                self.log_window(window, progress)
+            paused = time.perf_counter()  # evaluation and saving do not count against throughput
+            if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step < self.total_steps:
+                early_stop = self.periodic_evaluation()
+            if self.cfg.train.stop_at_step and step == self.cfg.train.stop_at_step and step < self.total_steps:
+                self.save()
+                progress.close()
+                logger.info("stopped at step %d as train.stop_at_step asks; run again to resume", step)
+                return "stopped"
+            if self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0 and step < self.total_steps:
+                self.save()
+            window.start += time.perf_counter() - paused
+        progress.close()
+        self.save()
+        self.final_evaluation()
+        return "finished"
+
+    def batches(self):
+        """Training batches across epoch boundaries."""
+        while True:
+            yield from self.loader
+
+    def train_step(self, batches, window: Window) -> None:
+        """One optimizer step: `grad_accum` micro-batches with a finite loss."""
+        done = 0
+        in_a_row = 0
+        while done < self.cfg.optim.grad_accum:
+            batch = next(batches)
+            if self.forward_backward(batch, window):
+                done, in_a_row = done + 1, 0
+                continue
+            in_a_row += 1
+            window.skipped += 1
+            self.state.skipped_nonfinite += 1
+            if in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"{in_a_row} micro-batches in a row had a NaN/inf loss at step {self.state.step + 1}; "
+                    "the run is diverging. Lower optim.fusion_lr/optim.lora_lr, raise optim.warmup_steps, "
+                    "or resume from an earlier checkpoint (checkpoint.resume=PATH)"
+                )
+        self.engine.step()
+        self.state.step += 1
+        window.steps += 1
+
+    def forward_backward(self, batch, window: Window) -> bool:
+        """False (and no backward) when the loss is not finite on some rank: every rank skips it together."""
+        out = self.engine(batch)
+        finite = torch.isfinite(out.loss.detach()).float().reshape(1)
+        if self.world.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            logger.warning("non-finite loss at step %d (%s batch); skipped", self.state.step + 1, batch.dataset)
+            return False
+        self.engine.backward(out.loss)
+        window.add_micro_batch(out.loss.item(), int(batch.valid.sum()), out.num_tokens, out.expert_weights)
+        return True
+
+    # ---- logging -------------------------------------------------------------------------------
+
+    def progress_bar(self):
+        from tqdm import tqdm
+
+        interactive = self.world.is_logging_rank and sys.stderr.isatty()
+        return tqdm(total=self.total_steps, initial=self.state.step, disable=not interactive, unit="step")
+
+    def log_window(self, window: Window, progress) -> None:
+        metrics = window.metrics(self.world.world_size, self.flops_per_token, self.peak)
+        for group in self.optimizer.param_groups:
+            metrics[f"train/lr_{group['name']}"] = group["lr"]
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        self.tracker.log_metrics(metrics, self.state.step)
+        summary = {
+            "loss": f"{metrics['train/loss']:.4f}",
+            "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
+            "samples/s/dev": f"{metrics['train/samples_per_s_per_device']:.1f}",
+            "tok/s/dev": f"{metrics['train/tokens_per_s_per_device']:.0f}",
+        }
+        if "train/mfu" in metrics:
+            summary["mfu"] = f"{metrics['train/mfu']:.1%}"
+        if progress.disable and self.world.is_logging_rank:
+            logger.info(
+                "step %d/%d | %s", self.state.step, self.total_steps, " | ".join(f"{k} {v}" for k, v in summary.items())
+            )
+        progress.set_postfix(summary, refresh=False)
+        window.reset()
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def run_evaluation(self, tag: str) -> tuple[dict, list]:
+        """Every configured split, all modes; rank 0 logs metrics and writes predictions under predictions/TAG/."""
+        all_metrics, all_rows, by_split = {}, [], {}
+        for split in self.cfg.eval.splits:
+            results, rows = evaluate(self.engine.module, self.cfg, split, self.world)
+            by_split[split] = results
+            all_metrics.update(flat_metrics(results, split))
+            all_rows += rows
+        if self.world.is_logging_rank:
+            self.tracker.log_metrics(all_metrics, self.state.step)
+            for split in self.cfg.eval.splits:
+                rows = [r for r in all_rows if r.split == split]
+                write_predictions(rows, os.path.join(self.output_dir, "predictions", tag, f"{split}.jsonl"))
+            self.state.metrics = all_metrics
+            logger.info("evaluation at step %d: %s", self.state.step, headline(by_split, self.cfg.eval.select_mode))
+        return by_split, all_rows
+
+    def periodic_evaluation(self) -> bool:
+        """Evaluate, keep the best model; True when early stopping says to stop (the same on every rank)."""
+        by_split, _ = self.run_evaluation(checkpoint.step_name(self.state.step))
+        stop = [False]
+        if self.world.is_logging_rank:
+            self.maybe_keep_best(by_split)
+            patience = self.cfg.eval.patience
+            stop[0] = bool(patience and self.state.evals_without_improvement >= patience)
+            if stop[0]:
+                logger.info("early stop: %d evaluations without a better score", patience)
+        if self.world.world_size > 1:
+            dist.broadcast_object_list(stop, src=0)
+        return stop[0]
+
+    def maybe_keep_best(self, by_split: dict) -> None:
+        """Rank 0: export the model to OUTPUT_DIR/best when its selection score is the best so far."""
+        results = by_split.get(self.cfg.eval.select_split)
+        if results is None:
+            return
+        score = selection_score(results, self.cfg.eval, self.cfg.data.eval)
+        self.tracker.log_metrics({"eval/selection_score": score}, self.state.step)
+        if score <= self.state.best_score:
+            self.state.evals_without_improvement += 1
+            return
+        self.state.best_score, self.state.best_step, self.state.evals_without_improvement = score, self.state.step, 0
+        best, partial = os.path.join(self.output_dir, BEST), os.path.join(self.output_dir, ".partial-" + BEST)
+        shutil.rmtree(partial, ignore_errors=True)
+        self.engine.module.export(partial)
+        checkpoint.write_json(
+            os.path.join(partial, "best.json"),
+            {"step": self.state.step, "score": score, "config": self.cfg.to_dict(), "metrics": self.state.metrics},
+        )
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(partial, best)
+
+    def final_evaluation(self) -> None:
+        by_split, rows = self.run_evaluation("final")
+        if not self.world.is_logging_rank:
+            return
+        self.maybe_keep_best(by_split)
+        self.tracker.log_metrics(
+            {"best/step": self.state.best_step, "best/selection_score": self.state.best_score}, self.state.step
+        )
+        self.log_final_artifacts(rows)
+        checkpoint.write_json(
+            os.path.join(self.output_dir, FINAL_METRICS),
+            {"step": self.state.step, "best_step": self.state.best_step, "metrics": self.state.metrics},
+        )
+
+    def log_final_artifacts(self, rows: list) -> None:
+        import matplotlib.pyplot as plt
+
+        from egmf.train.plots import evaluation_figures
+
+        for artifact_file, figure in evaluation_figures(rows, self.cfg.eval.select_mode):
+            self.tracker.log_figure(figure, artifact_file)
+            plt.close(figure)
+        self.tracker.log_artifact(os.path.join(self.output_dir, "predictions", "final"), "predictions")
+        self.tracker.log_artifact(os.path.join(self.output_dir, BEST), "best_model")
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if self.saved_step == self.state.step:
+            return
+        path = checkpoint.save_checkpoint(
+            self.engine,
+            self.world,
+            self.output_dir,
+            self.state.step,
+            self.loader.state_dict(),
+            self.cfg.checkpoint.keep_last,
+            config=self.cfg.to_dict(),
+            ds_config=self.ds_config,
+            meta=asdict(self.state),
+        )
+        self.saved_step = self.state.step
+        logger.info("checkpoint %s", path)
+
+    def end(self, status: str) -> None:
+        self.tracker.end(status)
+
+
+def headline(by_split: dict, mode: str) -> str:
+    """One line of the main metric per split and dataset, for the log."""
+    parts = []
+    for split, results in by_split.items():
+        for dataset, by_mode in results.items():
+            metrics = by_mode.get(mode, {})
+            name = "wf1" if "wf1" in metrics else "mae"
+            if name in metrics:
+                parts.append(f"{split}/{dataset} {name} {metrics[name]:.3f}")
+    return ", ".join(parts)
+
+
+def write_failure(output_dir: str, world: WorldInfo, text: str) -> None:
+    """Leave a marker so rank 0, killed by the launcher after this rank failed, ends the run FAILED, not KILLED."""
+    folder = os.path.join(output_dir, "failures")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{world.rank}.txt"), "w") as f:
+        f.write(f"{socket.gethostname()}\n{text}")
+
+
+def failed_ranks(output_dir: str) -> list[str]:
+    folder = os.path.join(output_dir, "failures")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def clear_failures(output_dir: str) -> None:
+    shutil.rmtree(os.path.join(output_dir, "failures"), ignore_errors=True)

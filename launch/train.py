@@ -1,0 +1,154 @@
+"""Train EGMF on a DeepSpeed ZeRO-2 engine, evaluate it, track it in MLflow.
+
+    deepspeed launch/train.py --deepspeed ds_configs/zero2.json --config launch/recipes/mosei.toml \\
+        --llm.path=/models/Qwen2.5-7B-Instruct
+    deepspeed --num_gpus 2 launch/train.py          # the embedded default on 2 CPU ranks (make train)
+    torchrun --nproc_per_node 8 launch/train.py --config ...
+    python launch/train.py                          # one plain process
+
+With no --config it runs the embedded default (launch/recipes/demo.toml): the
+demo shards and a tiny local LLM, built when missing. Any `--section.key=value`
+overrides the recipe. The whole config, the DeepSpeed config, the model
+directory, the shards and the checkpoint to resume are checked before any
+process group starts; problems are printed together and the exit code is 2.
+
+Exit codes: 0 finished (or stopped at train.stop_at_step), 1 failed, 2 bad
+configuration, 143 terminated (the MLflow run ends KILLED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+DEFAULT_RECIPE = os.path.join(RECIPES, "demo.toml")
+
+logger = logging.getLogger("egmf.train")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (scancel, the launcher stopping the job after another rank failed)."""
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", help=f"TOML recipe (default: the embedded demo, {DEFAULT_RECIPE})")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON config (default: deepspeed.config of the recipe)")
+    parser.add_argument("--resume", help="'auto' (default: the latest complete checkpoint), 'never' or a folder")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from deepspeed; env wins
+    return parser.parse_known_args(argv)
+
+
+def configure(argv: list[str] | None):
+    """(config, resolved DeepSpeed config, world, device): everything decided before a process group exists."""
+    from egmf.config import load_config
+    from egmf.distributed import pick_device, world_info_from_env
+    from egmf.train.ds_config import resolve_ds_config
+    from egmf.train.preflight import preflight
+
+    args, overrides = parse_args(argv)
+    if args.deepspeed:
+        overrides.append(f"--deepspeed.config={args.deepspeed}")
+    if args.resume:
+        overrides.append(f"--checkpoint.resume={args.resume}")
+    cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
+    world = world_info_from_env()
+    device = pick_device(world, cfg.train.device)
+    ds_config = resolve_ds_config(cfg.deepspeed.config, cfg, world.world_size, device.type)
+    preflight(cfg)
+    return cfg, ds_config, world, device
+
+
+def setup_logging(is_logging_rank: bool) -> None:
+    level = logging.INFO if is_logging_rank else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("egmf").setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "httpx", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def raise_terminated(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from egmf.config import ConfigError
+
+    try:
+        cfg, ds_config, world, device = configure(argv)
+    except (ConfigError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(world.is_logging_rank)
+    if world.is_logging_rank:
+        logger.info("resolved config:\n%s", format_config(cfg))
+    return run(cfg, ds_config, world, device)
+
+
+def run(cfg, ds_config, world, device) -> int:
+    from egmf.distributed import barrier, close_distributed, init_distributed
+    from egmf.train import checkpoint
+    from egmf.train.preflight import build_demo_assets, demo_assets_missing
+    from egmf.train.trainer import Trainer, clear_failures, failed_ranks, write_failure
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    trainer = None
+    try:
+        init_distributed(world, device)
+        if world.is_logging_rank:
+            clear_failures(cfg.train.output_dir)
+            if demo_assets_missing(cfg):
+                logger.info("building the demo shards (%s) and tiny model (%s)", cfg.data.root, cfg.llm.path)
+                build_demo_assets(cfg)
+        barrier()
+        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
+        trainer = Trainer(cfg, ds_config, world, device)
+        trainer.setup(resume_from)
+        outcome = trainer.train()
+        trainer.end("FINISHED")
+        if world.is_logging_rank:
+            print_browse_hint(trainer, outcome)
+        return 0
+    except (Terminated, KeyboardInterrupt) as exc:
+        # The launcher terminates every rank when one fails: that run failed, it was not killed.
+        status = "FAILED" if failed_ranks(cfg.train.output_dir) else "KILLED"
+        logger.warning("%s: ending the run %s", type(exc).__name__, status)
+        if trainer is not None and hasattr(trainer, "tracker"):
+            trainer.end(status)
+        return 143
+    except Exception:
+        write_failure(cfg.train.output_dir, world, traceback.format_exc())
+        if trainer is not None and hasattr(trainer, "tracker"):
+            trainer.end("FAILED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        close_distributed()
+
+
+def format_config(cfg) -> str:
+    lines = []
+    for section, fields in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"  {key} = {value!r}" for key, value in fields.items()]
+    return "\n".join(lines)
+
+
+def print_browse_hint(trainer, outcome: str) -> None:
+    uri = trainer.tracker.uri
+    if not uri:
+        return
+    print(f"\n{outcome}: {trainer.cfg.train.output_dir} (step {trainer.state.step})")
+    if uri.startswith(("http://", "https://")):
+        print(f"\nbrowse the run: {uri}/#/experiments/{trainer.tracker.experiment_id}/runs/{trainer.tracker.run_id}")
+    else:
+        print(f"\nbrowse the run: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

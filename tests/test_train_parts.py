@@ -1,0 +1,186 @@
+"""The trainer's parts that need no process group: launch checks, DeepSpeed config, optimizer groups, schedule,
+world info, selection score. Bad launches must fail before any process group starts, naming every problem."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from egmf.config import ConfigError, load_config
+from egmf.distributed import WorldInfo, world_info_from_env
+from egmf.train.ds_config import resolve_ds_config
+from egmf.train.evaluation import PredictionRow, score_rows, selection_score
+from egmf.train.optim import WarmupCosine, param_groups
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "launch"))
+import train as train_entry  # noqa: E402
+
+ZERO2 = os.path.join(REPO, "ds_configs", "zero2.json")
+
+
+def run_main(capsys, *argv) -> tuple[int, str]:
+    code = train_entry.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_keys_and_bad_values_fail_before_any_process_group(capsys, tmp_path):
+    code, err = run_main(
+        capsys,
+        f"--train.output_dir={tmp_path}",
+        "--optim.lr=1e-3",
+        "--optim.grad_accum=0",
+        "--eval.modes=['beam']",
+        "--checkpoint.keep_last=0",
+    )
+    assert code == 2
+    for name in ("unknown key optim.lr", "optim.grad_accum", "eval.modes", "checkpoint.keep_last"):
+        assert name in err
+    assert not dist.is_initialized()
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_missing_model_and_shards_are_named_together(capsys, tmp_path):
+    code, err = run_main(
+        capsys,
+        "--config",
+        os.path.join(REPO, "launch", "recipes", "mosei.toml"),
+        f"--llm.path={tmp_path}/no-model",
+        f"--data.root={tmp_path}/no-shards",
+        f"--train.output_dir={tmp_path}/run",
+    )
+    assert code == 2
+    assert f"{tmp_path}/no-model is not a directory" in err
+    assert "no-shards" in err and "mosei" in err
+    assert not dist.is_initialized()
+
+
+def test_eval_select_names_real_metrics(capsys, tmp_path):
+    code, err = run_main(capsys, f"--train.output_dir={tmp_path}", '--eval.select={"demo_cls_en/mae" = 1.0}')
+    assert code == 2
+    assert "demo_cls_en has the metrics acc, wf1" in err
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint(capsys, tmp_path):
+    code, err = run_main(capsys, f"--train.output_dir={tmp_path}", f"--resume={tmp_path}")
+    assert code == 2
+    assert "is not a complete checkpoint" in err
+
+
+def write_ds(tmp_path, **changes) -> str:
+    with open(ZERO2) as f:
+        ds = json.load(f)
+    ds.update(changes)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def test_ds_config_autos_filled_from_the_recipe():
+    cfg = load_config(None, ["--data.batch_size=6", "--optim.grad_accum=3", "--optim.clip_grad=0.5"])
+    ds = resolve_ds_config(ZERO2, cfg, world_size=4, device_type="cpu")
+    assert ds["train_micro_batch_size_per_gpu"] == 6
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 6 * 3 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False  # "auto" on a CPU
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is False
+    assert resolve_ds_config(ZERO2, cfg, 4, "cuda")["bf16"]["enabled"] is True
+
+
+def test_ds_config_half_precision_on_cpu_falls_back_to_float32(tmp_path, caplog):
+    path = write_ds(tmp_path, bf16={"enabled": True})
+    ds = resolve_ds_config(path, load_config(), 1, "cpu")
+    assert ds["bf16"]["enabled"] is False
+    assert "not used on CPU ranks" in caplog.text
+
+
+def test_ds_config_conflicts_are_all_named(tmp_path):
+    path = write_ds(
+        tmp_path,
+        train_micro_batch_size_per_gpu=4,
+        optimizer={"type": "Adam"},
+        zero_optimization={"stage": 3},
+    )
+    with pytest.raises(ConfigError) as err:
+        resolve_ds_config(path, load_config(None, ["--data.batch_size=8"]), 1, "cpu")
+    text = str(err.value)
+    assert "train_micro_batch_size_per_gpu is 4 but data.batch_size gives 8" in text
+    assert 'remove the "optimizer" section' in text
+    assert "stage 3 is not supported" in text
+
+
+def test_ds_config_missing_or_broken(tmp_path, capsys):
+    code, err = run_main(capsys, f"--train.output_dir={tmp_path}", f"--deepspeed={tmp_path}/none.json")
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "bad.json").write_text("{not json")
+    code, err = run_main(capsys, f"--train.output_dir={tmp_path}", f"--deepspeed={tmp_path}/bad.json")
+    assert code == 2 and "is not valid JSON" in err
+
+
+def test_param_groups_split_lr_and_decay():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fusion = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+            self.llm = torch.nn.ModuleDict({"q_proj": torch.nn.ModuleDict({"lora_A": torch.nn.Linear(4, 2)})})
+            self.frozen = torch.nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+
+    cfg = load_config(None, ["--optim.fusion_lr=1e-3", "--optim.lora_lr=5e-4", "--optim.weight_decay=0.1"]).optim
+    groups = {g["name"]: g for g in param_groups(Tiny(), cfg)}
+    assert set(groups) == {"fusion", "fusion_no_decay", "lora", "lora_no_decay"}
+    assert groups["fusion"]["lr"] == 1e-3 and groups["lora"]["lr"] == 5e-4
+    assert groups["fusion"]["weight_decay"] == 0.1 and groups["fusion_no_decay"]["weight_decay"] == 0.0
+    assert len(groups["fusion"]["params"]) == 1  # the Linear weight; its bias and the LayerNorm are not decayed
+    assert len(groups["fusion_no_decay"]["params"]) == 3
+    assert sum(len(g["params"]) for g in groups.values()) == 6  # the frozen layer is left out
+
+
+def test_warmup_then_cosine_to_the_floor():
+    schedule = WarmupCosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [round(schedule(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert schedule(4) == pytest.approx(1.0)
+    assert schedule(9) == pytest.approx(0.55)
+    assert schedule(14) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
+    assert all(schedule(s) >= schedule(s + 1) for s in range(4, 20))
+
+
+def test_world_info_from_each_launcher():
+    assert world_info_from_env({}) == WorldInfo(0, 0, 1)
+    assert world_info_from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}) == WorldInfo(3, 1, 4)
+    slurm = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}
+    assert world_info_from_env(slurm) == WorldInfo(5, 1, 8)
+    # inside an sbatch script but outside srun (no step): one process, not rank 5 of 8
+    assert world_info_from_env({k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}) == WorldInfo(0, 0, 1)
+
+
+def row(dataset, mode, target, prediction, i=0):
+    return PredictionRow(f"{dataset}_{i}", dataset, "valid", mode, target, prediction, str(prediction))
+
+
+def test_scores_and_selection():
+    rows = [
+        row("demo_cls_en", "generate", "joy", "joy", 0),
+        row("demo_cls_en", "generate", "anger", None, 1),  # unparseable counts as wrong
+        row("demo_reg_en", "generate", 1.0, 0.5, 0),
+        row("demo_reg_en", "generate", -1.0, None, 1),  # unparseable is left out of regression metrics
+        row("demo_reg_en", "generate", 2.0, 1.0, 2),
+    ]
+    results = score_rows(rows)
+    assert results["demo_cls_en"]["generate"]["acc"] == 0.5
+    assert results["demo_cls_en"]["generate"]["unparseable"] == 1
+    assert results["demo_reg_en"]["generate"]["mae"] == pytest.approx(0.75)
+    assert results["demo_reg_en"]["generate"]["samples"] == 3
+    eval_cfg = load_config(None, ["--eval.select_mode=generate"]).eval
+    wf1 = results["demo_cls_en"]["generate"]["wf1"]
+    assert selection_score(results, eval_cfg, ["demo_cls_en", "demo_reg_en"]) == pytest.approx((wf1 - 0.75) / 2)
+    eval_cfg.select = {"demo_reg_en/mae": -2.0}
+    assert selection_score(results, eval_cfg, ["demo_cls_en", "demo_reg_en"]) == pytest.approx(-1.5)
+    assert selection_score({}, eval_cfg, ["demo_reg_en"]) == -math.inf
