@@ -60,16 +60,17 @@ def init_distributed(world: WorldInfo, device: torch.device, timeout_minutes: in
     import deepspeed
 
     env = {"RANK": world.rank, "LOCAL_RANK": world.local_rank, "WORLD_SIZE": world.world_size}
-    for key, value in env.items():
-        os.environ.setdefault(key, str(value))
     if world.world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
     elif "MASTER_ADDR" not in os.environ:
         raise RuntimeError(
             f"rank {world.rank} of {world.world_size}: MASTER_ADDR is not set; launch with deepspeed, torchrun "
             "or slurm/train_egmf.sh, which set the rendezvous address"
         )
+    for key, value in env.items():
+        if key not in os.environ:  # a launcher's values win; ours are taken back by close_distributed
+            os.environ[key] = str(value)
+            _env_set_here.append(key)
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=False,
@@ -81,6 +82,11 @@ def init_distributed(world: WorldInfo, device: torch.device, timeout_minutes: in
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _env_set_here:
+        os.environ.pop(_env_set_here.pop(), None)
+
+
+_env_set_here: list[str] = []
 
 
 def host_names(world: WorldInfo) -> list[str]:

@@ -35,6 +35,18 @@ class Terminated(BaseException):
     """SIGTERM arrived (scancel, the launcher stopping the job after another rank failed)."""
 
 
+class SignalWatch:
+    """Turns SIGTERM into Terminated, and remembers it: an error that follows it (a collective broken by a
+    peer that was stopped too) is part of the stop, not a failure of its own."""
+
+    def __init__(self):
+        self.received = False
+
+    def __call__(self, signum, frame):
+        self.received = True
+        raise Terminated(signal.Signals(signum).name)
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--config", help=f"TOML recipe (default: the embedded demo, {DEFAULT_RECIPE})")
@@ -72,10 +84,6 @@ def setup_logging(is_logging_rank: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def raise_terminated(signum, frame):
-    raise Terminated(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     from egmf.config import ConfigError
 
@@ -96,7 +104,8 @@ def run(cfg, ds_config, world, device) -> int:
     from egmf.train.preflight import build_demo_assets, demo_assets_missing
     from egmf.train.trainer import Trainer, clear_failures, failed_ranks, write_failure
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    watch = SignalWatch()
+    previous = signal.signal(signal.SIGTERM, watch)
     trainer = None
     try:
         init_distributed(world, device)
@@ -114,17 +123,17 @@ def run(cfg, ds_config, world, device) -> int:
         if world.is_logging_rank:
             print_browse_hint(trainer, outcome)
         return 0
-    except (Terminated, KeyboardInterrupt) as exc:
-        # The launcher terminates every rank when one fails: that run failed, it was not killed.
-        status = "FAILED" if failed_ranks(cfg.train.output_dir) else "KILLED"
-        logger.warning("%s: ending the run %s", type(exc).__name__, status)
+    except BaseException as exc:
+        stopped = watch.received or isinstance(exc, KeyboardInterrupt)
+        if not stopped:
+            write_failure(cfg.train.output_dir, world, traceback.format_exc())
+        # The launcher stops every rank when one fails: then the run failed, it was not killed.
+        status = "FAILED" if failed_ranks(cfg.train.output_dir) or not stopped else "KILLED"
         if trainer is not None and hasattr(trainer, "tracker"):
             trainer.end(status)
-        return 143
-    except Exception:
-        write_failure(cfg.train.output_dir, world, traceback.format_exc())
-        if trainer is not None and hasattr(trainer, "tracker"):
-            trainer.end("FAILED")
+        if stopped:
+            logger.warning("stopped by %s; the MLflow run ends %s", type(exc).__name__, status)
+            return 143
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

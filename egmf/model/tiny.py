@@ -69,7 +69,7 @@ def write_tokenizer(out_dir: str, vocab_size: int = 1000) -> None:
 
 
 def build_tiny_llm(out_dir: str, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> str:
-    """Write a tiny Qwen2 model directory to out_dir (if it has no config.json yet); returns out_dir."""
+    """Write a tiny Llama model directory to out_dir (if it has no config.json yet); returns out_dir."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     os.makedirs(out_dir, exist_ok=True)

@@ -57,6 +57,7 @@ class RunState:
     best_step: int = 0
     evals_without_improvement: int = 0
     skipped_nonfinite: int = 0
+    stopped_early: bool = False
     metrics: dict = field(default_factory=dict)
     """The latest evaluation's metrics (MLflow keys)."""
 
@@ -142,15 +143,15 @@ class Trainer:
 
     def train(self) -> str:
         """Train to the end (or an early or requested stop); returns 'finished', 'stopped' or 'complete'."""
-        if self.state.step >= self.total_steps and os.path.exists(os.path.join(self.output_dir, FINAL_METRICS)):
+        done_training = self.state.step >= self.total_steps or self.state.stopped_early
+        if done_training and os.path.exists(os.path.join(self.output_dir, FINAL_METRICS)):
             logger.info("the run in %s is already complete (step %d)", self.output_dir, self.state.step)
             return "complete"
         self.engine.train()
         batches = self.batches()
         window = Window(self.expert_names)
         progress = self.progress_bar()
-        early_stop = False
-        while self.state.step < self.total_steps and not early_stop:
+        while self.state.step < self.total_steps and not self.state.stopped_early:
             self.train_step(batches, window)
             step = self.state.step
             progress.update(1)
@@ -158,7 +159,7 @@ class Trainer:
                 self.log_window(window, progress)
             paused = time.perf_counter()  # evaluation and saving do not count against throughput
             if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step < self.total_steps:
-                early_stop = self.periodic_evaluation()
+                self.state.stopped_early = self.periodic_evaluation()
             if self.cfg.train.stop_at_step and step == self.cfg.train.stop_at_step and step < self.total_steps:
                 self.save()
                 progress.close()

@@ -1,0 +1,157 @@
+"""Faults injected into real single-process runs (a real DeepSpeed engine and MLflow store): a crash in the
+middle of a checkpoint save, non-finite losses. Each run is `main()` in a fresh spawned process with the fault
+patched in (DeepSpeed keeps its process groups in module globals: one run per process)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from egmf.model.egmf_model import EGMFModel
+from egmf.train.checkpoint import read_meta
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def args(shards: str, llm: str, out: str, *extra: str) -> list[str]:
+    return [
+        f"--data.root={shards}",
+        f"--llm.path={llm}",
+        f"--train.output_dir={out}",
+        "--train.steps=8",
+        "--train.log_every=1",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--data.eval=['demo_cls_en']",
+        "--eval.splits=['test']",
+        "--eval.modes=['constrained']",
+        "--eval.batch_size=24",
+        "--checkpoint.every=4",
+        "--mlflow.system_metrics=false",
+        *extra,
+    ]
+
+
+def crash_in_second_export() -> None:
+    """The step-8 save fails after DeepSpeed's files are written, before the export is."""
+    export, calls = EGMFModel.export, []
+
+    def export_then_crash(self, out_dir):
+        calls.append(out_dir)
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        export(self, out_dir)
+
+    EGMFModel.export = export_then_crash
+
+
+def nan_loss(on_calls: set[int] | None, counter: list[int]) -> None:
+    """NaN loss on the given forward calls (None: on every call from the third on)."""
+    forward = EGMFModel.forward
+
+    def forward_with_nan(self, batch):
+        out = forward(self, batch)
+        counter.append(1)
+        if (on_calls is None and len(counter) >= 3) or (on_calls is not None and len(counter) in on_calls):
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    EGMFModel.forward = forward_with_nan
+
+
+def child(argv: list[str], fault: str, results) -> None:
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    import train as train_entry
+
+    counter: list[int] = []
+    if fault == "crash_in_second_export":
+        crash_in_second_export()
+    elif fault == "nan_once":
+        nan_loss({3}, counter)
+    elif fault == "nan_always":
+        nan_loss(None, counter)
+    try:
+        results.put((train_entry.main(argv), "", len(counter)))
+    except Exception as exc:
+        results.put((None, f"{type(exc).__name__}: {exc}", len(counter)))
+
+
+def run_main(argv: list[str], fault: str = "") -> tuple[int | None, str, int]:
+    """(exit code or None when main raised, the exception, forward calls) of main(argv) in a fresh process."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=child, args=(argv, fault, results))
+    process.start()
+    outcome = results.get(timeout=600)
+    process.join(60)
+    return outcome
+
+
+def the_run(out: str):
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_crash_mid_save_keeps_latest_usable_and_the_run_failed(train_shards, tiny_llm, tmp_path):
+    out = str(tmp_path / "out")
+    code, error, _ = run_main(args(train_shards, tiny_llm, out), "crash_in_second_export")
+    assert code is None and error == "OSError: disk full (injected)"
+    checkpoints = os.path.join(out, "checkpoints")
+    assert open(os.path.join(checkpoints, "latest")).read().strip() == "step_00000004"
+    assert os.path.isdir(os.path.join(checkpoints, ".partial-step_00000008"))
+    assert not os.path.exists(os.path.join(checkpoints, "step_00000008"))
+    _, run = the_run(out)
+    assert run.info.status == "FAILED"
+    assert "injected" in open(os.path.join(out, "failures", "rank0.txt")).read()
+
+    assert run_main(args(train_shards, tiny_llm, out))[0] == 0  # resume auto: from step 4
+    assert read_meta(os.path.join(checkpoints, "step_00000008"))["step"] == 8
+    assert not any(name.startswith(".partial") for name in os.listdir(checkpoints))
+    client, resumed = the_run(out)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert "eval/test/demo_cls_en/constrained/acc" in resumed.data.metrics
+
+
+def test_a_nan_loss_is_skipped_and_counted(train_shards, tiny_llm, tmp_path):
+    out = str(tmp_path / "out")
+    code, _, forward_calls = run_main(args(train_shards, tiny_llm, out), "nan_once")
+    assert code == 0
+    assert forward_calls == 8 + 1  # one extra micro-batch replaced the skipped one
+    assert read_meta(os.path.join(out, "checkpoints", "step_00000008"))["skipped_nonfinite"] == 1
+    client, run = the_run(out)
+    skipped = client.get_metric_history(run.info.run_id, "train/skipped_nonfinite")
+    assert sum(m.value for m in skipped) == 1
+    assert all(m.value == m.value for m in client.get_metric_history(run.info.run_id, "train/loss"))  # no NaN
+
+
+def test_nan_losses_in_a_row_stop_the_run(train_shards, tiny_llm, tmp_path):
+    out = str(tmp_path / "out")
+    code, error, _ = run_main(args(train_shards, tiny_llm, out, "--train.max_nonfinite_in_a_row=3"), "nan_always")
+    assert code is None and "NonFiniteLossError: 3 micro-batches in a row had a NaN/inf loss" in error
+    _, run = the_run(out)
+    assert run.info.status == "FAILED"
+
+
+def test_early_stopping_and_a_complete_run_is_not_rerun(train_shards, tiny_llm, tmp_path):
+    out = str(tmp_path / "out")
+    frozen_lr = ["--optim.fusion_lr=1e-12", "--optim.lora_lr=1e-12"]  # the score cannot improve after step 2
+    argv = args(
+        train_shards, tiny_llm, out, "--eval.every=2", "--eval.patience=1", "--eval.select_split=test", *frozen_lr
+    )
+    assert run_main(argv)[0] == 0
+    latest = os.path.join(out, "checkpoints", open(os.path.join(out, "checkpoints", "latest")).read().strip())
+    meta = read_meta(latest)
+    assert meta["step"] == 4 and meta["stopped_early"] and meta["best_step"] == 2
+    assert json.load(open(os.path.join(out, "best", "best.json")))["step"] == 2
+    _, run = the_run(out)
+    assert run.info.status == "FINISHED"
+    assert run_main(argv)[0] == 0  # resume auto finds the run complete
+    assert read_meta(latest)["step"] == 4
+    assert the_run(out)[1].info.status == "FINISHED"

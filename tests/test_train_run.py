@@ -1,0 +1,258 @@
+"""Real trainer runs: 2 CPU ranks under the `deepspeed` launcher (ZeRO-2, gloo) with a real MLflow store,
+checked through MlflowClient; exact resume; launch/evaluate.py; a run stopped by SIGTERM ends KILLED."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from egmf.distributed import free_port
+from egmf.shards.manifest import load_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+DATASETS = ("demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh")
+STEPS = 16
+
+
+def run_args(shards: str, llm: str, out: str, *extra: str) -> list[str]:
+    return [
+        f"--data.root={shards}",
+        f"--llm.path={llm}",
+        f"--train.output_dir={out}",
+        f"--train.steps={STEPS}",
+        "--train.log_every=1",
+        "--data.batch_size=8",
+        "--data.num_workers=1",
+        "--eval.batch_size=24",
+        "--eval.every=8",
+        "--checkpoint.every=4",
+        "--optim.warmup_steps=4",
+        *extra,
+    ]
+
+
+def deepspeed_command(args: list[str]) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py"] + [
+        "--deepspeed",
+        "ds_configs/zero2.json",
+        *args,
+    ]
+
+
+def deepspeed_train(args: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(deepspeed_command(args), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def store(out: str) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{out}/mlflow.db")
+
+
+def only_run(out: str):
+    client = store(out)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def losses(out: str) -> dict[int, float]:
+    client, run = only_run(out)
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(train_shards, tiny_llm, tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    return out, deepspeed_train(run_args(train_shards, tiny_llm, out))
+
+
+def test_checkpoint_files(two_rank_run):
+    out, _ = two_rank_run
+    root = os.path.join(out, "checkpoints")
+    assert open(os.path.join(root, "latest")).read().strip() == f"step_{STEPS:08d}"
+    assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == ["step_00000012", "step_00000016"]
+    ckpt = os.path.join(root, "step_00000016")
+    for name in ("config.json", "ds_config.json", "meta.json", "export/fusion.safetensors", "export/adapter"):
+        assert os.path.exists(os.path.join(ckpt, name)), name
+    for rank in (0, 1):
+        assert os.path.exists(os.path.join(ckpt, f"deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+        loader = json.load(open(os.path.join(ckpt, f"loader_rank{rank}.json")))
+        assert loader["rank"] == rank and loader["world_size"] == 2
+        assert "torch" in torch.load(os.path.join(ckpt, f"rng_rank{rank}.pt"), weights_only=True)
+    states = torch.load(os.path.join(ckpt, "deepspeed/mp_rank_00_model_states.pt"), weights_only=True)
+    # only trainable weights: LoRA and fusion; the frozen base model is not in the checkpoint
+    assert states["module"] and all("lora_" in k or k.startswith("fusion.") for k in states["module"])
+    meta = json.load(open(os.path.join(ckpt, "meta.json")))
+    assert meta["step"] == STEPS and meta["world_size"] == 2 and meta["mlflow_run_id"]
+    assert json.load(open(os.path.join(ckpt, "config.json")))["train"]["steps"] == STEPS
+
+
+def test_exported_adapter_loads_with_plain_peft(two_rank_run, tiny_llm):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = two_rank_run
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    model = PeftModel.from_pretrained(base, os.path.join(out, "best", "adapter"))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: LoRA B starts at zero
+
+
+def test_mlflow_run_contents(two_rank_run):
+    out, done = two_rank_run
+    client, run = only_run(out)
+    assert run.info.status == "FINISHED"
+    assert f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db" in done.stdout
+    params, tags = run.data.params, run.data.tags
+    assert params["data.batch_size"] == "8" and params["train.steps"] == str(STEPS)
+    assert params["optim.lora_lr"] and params["fusion.width"]
+    assert tags["world_size"] == "2" and tags["num_nodes"] == "1" and tags["precision"] == "fp32"
+    assert len(tags["git_commit"]) == 40 and tags["deepspeed_version"] and tags["torch_version"]
+    history = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert history == set(range(1, STEPS + 1))
+    metrics = run.data.metrics
+    for key in ("train/lr_fusion", "train/lr_lora", "train/samples_per_s_per_device", "train/tokens_per_s_per_device"):
+        assert metrics[key] > 0, key
+    assert abs(metrics["gate/local"] + metrics["gate/semantic"] + metrics["gate/global"] - 1) < 1e-4
+    for split in ("valid", "test"):
+        for dataset in DATASETS:
+            for mode in ("constrained", "generate"):
+                assert f"eval/{split}/{dataset}/{mode}/unparseable" in metrics
+            assert metrics[f"eval/{split}/{dataset}/constrained/unparseable"] == 0
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "eval/valid/demo_cls_en/constrained/acc")}
+    assert steps == {8, STEPS}  # periodic and final
+    assert any(key.startswith("system/") for key in metrics)  # system metrics monitor
+    artifacts = set(all_artifacts(client, run.info.run_id))
+    for path in (
+        "config/config.json",
+        "config/ds_config.json",
+        "predictions/valid.jsonl",
+        "predictions/test.jsonl",
+        "plots/test/demo_cls_en_confusion.png",
+        "plots/valid/demo_reg_zh_scatter.png",
+        "best_model/fusion.safetensors",
+        "best_model/adapter/adapter_config.json",
+    ):
+        assert path in artifacts, (path, sorted(artifacts))
+
+
+def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += all_artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def test_predictions_cover_each_sample_once(two_rank_run, train_shards):
+    out, _ = two_rank_run
+    rows = [json.loads(line) for line in open(os.path.join(out, "predictions", "final", "test.jsonl"))]
+    for dataset in DATASETS:
+        expected = load_manifest(train_shards, dataset, "test").num_samples
+        for mode in ("constrained", "generate"):
+            ids = [r["id"] for r in rows if r["dataset"] == dataset and r["mode"] == mode]
+            assert len(ids) == len(set(ids)) == expected
+    assert set(rows[0]) == {"id", "dataset", "split", "mode", "target", "prediction", "answer"}
+
+
+def test_resume_is_exact(two_rank_run, train_shards, tiny_llm, tmp_path):
+    """2N steps in one go == N steps, a stop, and N more from the checkpoint: the same losses step by step."""
+    reference, _ = two_rank_run
+    out = str(tmp_path / "out")
+    first = deepspeed_train(run_args(train_shards, tiny_llm, out, "--train.stop_at_step=8"))
+    assert "stopped at step 8" in first.stderr + first.stdout
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_00000008"
+    deepspeed_train(run_args(train_shards, tiny_llm, out))
+    resumed, uninterrupted = losses(out), losses(reference)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # one MLflow run, continued
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
+
+
+def test_evaluate_a_checkpoint_alone(two_rank_run, tmp_path):
+    out, _ = two_rank_run
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    import evaluate as evaluate_entry
+
+    ckpt = os.path.join(out, "checkpoints", f"step_{STEPS:08d}")
+    code = evaluate_entry.main(["--checkpoint", ckpt, "--out", str(tmp_path), "--modes", "constrained"])
+    assert code == 0
+    alone = json.load(open(tmp_path / "metrics.json"))
+    in_training = json.load(open(os.path.join(out, "final_metrics.json")))["metrics"]
+    assert alone and all(k.split("/")[3] == "constrained" for k in alone)
+    for key, value in alone.items():
+        assert value == pytest.approx(in_training[key], abs=1e-6), key
+
+
+def test_sigterm_ends_the_run_killed(train_shards, tiny_llm, tmp_path):
+    out = str(tmp_path / "out")
+    args = run_args(train_shards, tiny_llm, out, "--train.steps=100000", "--mlflow.system_metrics=false")
+    launcher = subprocess.Popen(deepspeed_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and launcher.poll() is None:
+            time.sleep(2)
+            if os.path.exists(os.path.join(out, "mlflow.db")) and mlflow_has_losses(out):
+                break
+        assert launcher.poll() is None, "the run ended before it could be stopped"
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+    finally:
+        launcher.kill()
+    _, run = only_run(out)
+    assert run.info.status == "KILLED"
+
+
+def mlflow_has_losses(out: str) -> bool:
+    try:
+        return bool(losses(out))
+    except Exception:  # the store is still being created
+        return False
+
+
+def test_one_process_reaches_the_metrics_of_two_ranks(two_rank_run, train_shards, tiny_llm, tmp_path):
+    """The same global batch (one process accumulating 2 micro-batches of 8, against 2 ranks x 8) and the same
+    steps on the same shards: the loss curve and final test metrics agree within sampling noise."""
+    reference, _ = two_rank_run
+    out = str(tmp_path / "out")
+    args = run_args(train_shards, tiny_llm, out, "--optim.grad_accum=2", "--eval.every=0", "--checkpoint.every=0")
+    done = subprocess.run(
+        [sys.executable, "launch/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    one, two = losses(out), losses(reference)
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    late = range(STEPS - 3, STEPS + 1)
+    assert sum(one[s] for s in late) == pytest.approx(sum(two[s] for s in late), rel=0.15)
+    metrics_one = json.load(open(os.path.join(out, "final_metrics.json")))["metrics"]
+    metrics_two = json.load(open(os.path.join(reference, "final_metrics.json")))["metrics"]
+    for dataset, name, tolerance in (
+        ("demo_cls_en", "acc", 0.25),
+        ("demo_cls_zh", "acc", 0.25),
+        ("demo_reg_en", "mae", 0.4),
+        ("demo_reg_zh", "mae", 0.25),
+    ):
+        key = f"eval/test/{dataset}/constrained/{name}"
+        assert abs(metrics_one[key] - metrics_two[key]) <= tolerance, (key, metrics_one[key], metrics_two[key])
+
+
+def test_torchrun_launch(train_shards, tiny_llm, tmp_path):
+    out = str(tmp_path / "out")
+    args = run_args(train_shards, tiny_llm, out, "--train.steps=2", "--eval.every=0", "--checkpoint.every=0")
+    args += ["--data.eval=['demo_cls_en']", "--eval.splits=['test']", "--eval.modes=['constrained']"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), "launch/train.py", *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    _, run = only_run(out)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert run.data.metrics["eval/test/demo_cls_en/constrained/samples"] == 24
