@@ -13,7 +13,8 @@ directory, the shards and the checkpoint to resume are checked before any
 process group starts; problems are printed together and the exit code is 2.
 
 Exit codes: 0 finished (or stopped at train.stop_at_step), 1 failed, 2 bad
-configuration, 143 terminated (the MLflow run ends KILLED).
+configuration, 143 terminated by SIGTERM (a checkpoint is saved at the next step
+boundary; the MLflow run ends KILLED).
 """
 
 from __future__ import annotations
@@ -31,20 +32,19 @@ DEFAULT_RECIPE = os.path.join(RECIPES, "demo.toml")
 logger = logging.getLogger("egmf.train")
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (scancel, the launcher stopping the job after another rank failed)."""
-
-
-class SignalWatch:
-    """Turns SIGTERM into Terminated, and remembers it: an error that follows it (a collective broken by a
-    peer that was stopped too) is part of the stop, not a failure of its own."""
+class StopSignal:
+    """Remembers a SIGTERM (scancel, the launcher stopping the job). The handler only sets a flag: a
+    rank may be inside a collective, where a Python exception could not be raised anyway. The trainer
+    checks the flag at each step boundary, agrees on it across ranks, saves a checkpoint and stops."""
 
     def __init__(self):
         self.received = False
 
     def __call__(self, signum, frame):
         self.received = True
-        raise Terminated(signal.Signals(signum).name)
+
+    def install(self):
+        return signal.signal(signal.SIGTERM, self)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -104,8 +104,8 @@ def run(cfg, ds_config, world, device) -> int:
     from egmf.train.preflight import build_demo_assets, demo_assets_missing
     from egmf.train.trainer import Trainer, clear_failures, failed_ranks, write_failure
 
-    watch = SignalWatch()
-    previous = signal.signal(signal.SIGTERM, watch)
+    stop = StopSignal()
+    previous = stop.install()
     trainer = None
     try:
         init_distributed(world, device)
@@ -116,15 +116,16 @@ def run(cfg, ds_config, world, device) -> int:
                 build_demo_assets(cfg)
         barrier()
         resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
-        trainer = Trainer(cfg, ds_config, world, device)
+        trainer = Trainer(cfg, ds_config, world, device, stop_requested=lambda: stop.received)
         trainer.setup(resume_from)
         outcome = trainer.train()
-        trainer.end("FINISHED")
+        trainer.end("KILLED" if outcome == "terminated" else "FINISHED")
         if world.is_logging_rank:
             print_browse_hint(trainer, outcome)
-        return 0
+        return 143 if outcome == "terminated" else 0
     except BaseException as exc:
-        stopped = watch.received or isinstance(exc, KeyboardInterrupt)
+        # After a SIGTERM, an error (a collective broken by a peer that stopped) is part of the stop.
+        stopped = stop.received or isinstance(exc, KeyboardInterrupt)
         if not stopped:
             write_failure(cfg.train.output_dir, world, traceback.format_exc())
         # The launcher stops every rank when one fails: then the run failed, it was not killed.
@@ -132,7 +133,7 @@ def run(cfg, ds_config, world, device) -> int:
         if trainer is not None and hasattr(trainer, "tracker"):
             trainer.end(status)
         if stopped:
-            logger.warning("stopped by %s; the MLflow run ends %s", type(exc).__name__, status)
+            logger.warning("stopped (%s); the MLflow run ends %s", type(exc).__name__, status)
             return 143
         raise
     finally:

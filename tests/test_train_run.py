@@ -194,25 +194,56 @@ def test_evaluate_a_checkpoint_alone(two_rank_run, tmp_path):
 
 
 def test_sigterm_ends_the_run_killed(train_shards, tiny_llm, tmp_path):
+    """SIGTERM to every process of the job, as scancel and Ctrl-C deliver it: each rank saves a checkpoint at the
+    next step boundary and the MLflow run ends KILLED. (The `deepspeed` runner itself does not pass a SIGTERM
+    on to a single-node job, so signalling only it would orphan the ranks.)"""
     out = str(tmp_path / "out")
     args = run_args(train_shards, tiny_llm, out, "--train.steps=100000", "--mlflow.system_metrics=false")
-    launcher = subprocess.Popen(deepspeed_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and launcher.poll() is None:
-            time.sleep(2)
-            if os.path.exists(os.path.join(out, "mlflow.db")) and mlflow_has_losses(out):
-                break
-        assert launcher.poll() is None, "the run ended before it could be stopped"
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=120)
-    finally:
-        launcher.kill()
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(
+            deepspeed_command(args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and launcher.poll() is None and not mlflow_has_losses(out):
+                time.sleep(2)
+            assert launcher.poll() is None, "the run ended early:\n" + log_path.read_text()[-5000:]
+            os.killpg(launcher.pid, signal.SIGTERM)
+            assert wait_for_group_exit(launcher, 120), "ranks still running 120 s after SIGTERM"
+        finally:
+            if group_alive(launcher.pid):
+                os.killpg(launcher.pid, signal.SIGKILL)  # no rank may outlive the test
     _, run = only_run(out)
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED", log_path.read_text()[-5000:]
+    assert not os.path.exists(os.path.join(out, "failures"))  # a stop, not a failure
+    # the stop saved a checkpoint at a step boundary, so a rerun resumes from there
+    latest = open(os.path.join(out, "checkpoints", "latest")).read().strip()
+    step = json.load(open(os.path.join(out, "checkpoints", latest, "meta.json")))["step"]
+    assert f"stop signal: checkpoint saved at step {step}" in log_path.read_text()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def wait_for_group_exit(launcher: subprocess.Popen, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        launcher.poll()  # reap it: a zombie still counts as a member of its group
+        if not group_alive(launcher.pid):
+            return True
+        time.sleep(1)
+    return False
 
 
 def mlflow_has_losses(out: str) -> bool:
+    if not os.path.exists(os.path.join(out, "mlflow.db")):
+        return False
     try:
         return bool(losses(out))
     except Exception:  # the store is still being created

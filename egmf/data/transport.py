@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from multiprocessing.shared_memory import SharedMemory
@@ -110,6 +111,14 @@ def _receive(ref: _SlotRef, rings: list[_SlotRing], pin: bool) -> Batch:
     return replace(batch, audio=replace(batch.audio, values=audio), vision=replace(batch.vision, values=vision))
 
 
+def _leave_stop_signals_to_the_parent(worker_id: int) -> None:
+    """SIGTERM/SIGINT reach the whole process tree (the launcher terminates children first, a terminal's
+    Ctrl-C the whole group). The training process handles them and ends the run cleanly; a worker that died
+    first would turn that stop into a 'DataLoader worker killed' error. Workers exit with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_in_workers(
     stream: IterableDataset, num_workers: int, prefetch_batches: int, slot_bytes: int
 ) -> Iterator[Batch | dict]:
@@ -124,6 +133,7 @@ def run_in_workers(
         num_workers=num_workers,
         prefetch_factor=prefetch_batches,
         persistent_workers=False,
+        worker_init_fn=_leave_stop_signals_to_the_parent,
     )
     pin = torch.cuda.is_available()
     items = iter(loader)

@@ -68,11 +68,14 @@ class Window:
         if expert_weights is not None:
             self.gate_sum += expert_weights.detach().float().mean(0).cpu().double()
 
-    def metrics(self, world_size: int, flops_per_token: float, peak: float | None) -> dict[str, float]:
+    def metrics(
+        self, world_size: int, device: torch.device, flops_per_token: float, peak: float | None
+    ) -> dict[str, float]:
         """Window metrics averaged over all ranks (a collective: every rank calls it)."""
         totals = torch.tensor(
             [self.loss_sum, self.micro_batches, self.samples, self.tokens, self.skipped, *self.gate_sum.tolist()],
             dtype=torch.float64,
+            device=device,  # NCCL reduces GPU tensors only
         )
         if world_size > 1:
             dist.all_reduce(totals)

@@ -78,8 +78,10 @@ def git_commit() -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ds_config: dict, world: WorldInfo, device: torch.device):
+    def __init__(self, cfg: Config, ds_config: dict, world: WorldInfo, device: torch.device, stop_requested=None):
         self.cfg, self.ds_config, self.world, self.device = cfg, ds_config, world, device
+        self.stop_requested = stop_requested or (lambda: False)
+        """True once this rank was asked to stop (SIGTERM); `stop_agreed` shares it with every rank."""
         self.output_dir = cfg.train.output_dir
         self.state = RunState()
         self.saved_step = -1
@@ -142,7 +144,8 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
 
     def train(self) -> str:
-        """Train to the end (or an early or requested stop); returns 'finished', 'stopped' or 'complete'."""
+        """Train to the end or a stop; returns 'finished', 'stopped' (train.stop_at_step), 'terminated' (a signal)
+        or 'complete' (nothing left to do)."""
         done_training = self.state.step >= self.total_steps or self.state.stopped_early
         if done_training and os.path.exists(os.path.join(self.output_dir, FINAL_METRICS)):
             logger.info("the run in %s is already complete (step %d)", self.output_dir, self.state.step)
@@ -158,6 +161,12 @@ class Trainer:
             if step % self.cfg.train.log_every == 0 or step == self.total_steps:
                 self.log_window(window, progress)
             paused = time.perf_counter()  # evaluation and saving do not count against throughput
+            if self.stop_agreed():
+                self.save()
+                progress.close()
+                if self.world.is_logging_rank:
+                    logger.warning("stop signal: checkpoint saved at step %d; run again to resume", step)
+                return "terminated"
             if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step < self.total_steps:
                 self.state.stopped_early = self.periodic_evaluation()
             if self.cfg.train.stop_at_step and step == self.cfg.train.stop_at_step and step < self.total_steps:
@@ -172,6 +181,13 @@ class Trainer:
         self.save()
         self.final_evaluation()
         return "finished"
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: every rank must leave the loop at the same step."""
+        flag = torch.tensor([float(self.stop_requested())], device=self.device)  # NCCL reduces GPU tensors only
+        if self.world.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def batches(self):
         """Training batches across epoch boundaries."""
@@ -222,7 +238,7 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.state.step, disable=not interactive, unit="step")
 
     def log_window(self, window: Window, progress) -> None:
-        metrics = window.metrics(self.world.world_size, self.flops_per_token, self.peak)
+        metrics = window.metrics(self.world.world_size, self.device, self.flops_per_token, self.peak)
         for group in self.optimizer.param_groups:
             metrics[f"train/lr_{group['name']}"] = group["lr"]
         grad_norm = self.engine.get_global_grad_norm()
