@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg, weights: str, out_dir: str) -> int:
     import torch
 
+    from egmf.data.transport import kill_leftover_workers
     from egmf.distributed import close_distributed, init_distributed, pick_device, world_info_from_env
     from egmf.model.egmf_model import EGMFModel
     from egmf.train.evaluation import evaluate, flat_metrics, write_predictions
@@ -106,6 +107,7 @@ def run(cfg, weights: str, out_dir: str) -> int:
             print(f"\nwritten to {out_dir}")
     finally:
         close_distributed()
+        kill_leftover_workers()
     return 0
 
 

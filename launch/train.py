@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, ds_config, world, device) -> int:
+    from egmf.data.transport import kill_leftover_workers
     from egmf.distributed import barrier, close_distributed, init_distributed
     from egmf.train import checkpoint
     from egmf.train.preflight import build_demo_assets, demo_assets_missing
@@ -139,6 +140,7 @@ def run(cfg, ds_config, world, device) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         close_distributed()
+        kill_leftover_workers()
 
 
 def format_config(cfg) -> str:

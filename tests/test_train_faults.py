@@ -29,6 +29,7 @@ def args(shards: str, llm: str, out: str, *extra: str) -> list[str]:
         "--data.num_workers=0",
         "--data.eval=['demo_cls_en']",
         "--eval.splits=['test']",
+        "--eval.select_split=test",
         "--eval.modes=['constrained']",
         "--eval.batch_size=24",
         "--checkpoint.every=4",
@@ -142,9 +143,7 @@ def test_nan_losses_in_a_row_stop_the_run(train_shards, tiny_llm, tmp_path):
 def test_early_stopping_and_a_complete_run_is_not_rerun(train_shards, tiny_llm, tmp_path):
     out = str(tmp_path / "out")
     frozen_lr = ["--optim.fusion_lr=1e-12", "--optim.lora_lr=1e-12"]  # the score cannot improve after step 2
-    argv = args(
-        train_shards, tiny_llm, out, "--eval.every=2", "--eval.patience=1", "--eval.select_split=test", *frozen_lr
-    )
+    argv = args(train_shards, tiny_llm, out, "--eval.every=2", "--eval.patience=1", *frozen_lr)
     assert run_main(argv)[0] == 0
     latest = os.path.join(out, "checkpoints", open(os.path.join(out, "checkpoints", "latest")).read().strip())
     meta = read_meta(latest)

@@ -279,7 +279,8 @@ def test_one_process_reaches_the_metrics_of_two_ranks(two_rank_run, train_shards
 def test_torchrun_launch(train_shards, tiny_llm, tmp_path):
     out = str(tmp_path / "out")
     args = run_args(train_shards, tiny_llm, out, "--train.steps=2", "--eval.every=0", "--checkpoint.every=0")
-    args += ["--data.eval=['demo_cls_en']", "--eval.splits=['test']", "--eval.modes=['constrained']"]
+    args += ["--data.eval=['demo_cls_en']", "--eval.splits=['test']", "--eval.select_split=test"]
+    args += ["--eval.modes=['constrained']"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     command += [str(free_port()), "launch/train.py", *args]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -66,6 +66,10 @@ class _SlotRing:
         start = slot * self.slot_bytes + offset
         return np.ndarray(shape, dtype=np.float16, buffer=self.memory.buf, offset=start)
 
+    def release_worker(self) -> None:
+        """Wake this ring's worker if it waits for a free slot, and tell it to stop (the consumer is done)."""
+        self.free.put(None)
+
     def close(self) -> None:
         self.memory.close()
         self.memory.unlink()
@@ -87,6 +91,8 @@ class _SlotStream(IterableDataset):
             audio, vision = item.audio.values.numpy(), item.vision.values.numpy()
             assert audio.nbytes + vision.nbytes <= ring.slot_bytes, "batch larger than max_batch_bytes"
             slot = ring.free.get()  # blocks only while the consumer holds every slot
+            if slot is None:  # the consumer stopped early: end here rather than wait to be killed
+                return
             ring.view(slot, 0, audio.shape)[...] = audio
             ring.view(slot, audio.nbytes, vision.shape)[...] = vision
             empty = torch.empty(0, dtype=torch.float16)
@@ -112,11 +118,20 @@ def _receive(ref: _SlotRef, rings: list[_SlotRing], pin: bool) -> Batch:
 
 
 def _leave_stop_signals_to_the_parent(worker_id: int) -> None:
-    """SIGTERM/SIGINT reach the whole process tree (the launcher terminates children first, a terminal's
-    Ctrl-C the whole group). The training process handles them and ends the run cleanly; a worker that died
-    first would turn that stop into a 'DataLoader worker killed' error. Workers exit with their parent."""
+    """SIGTERM/SIGINT reach the whole process tree (the launcher terminates children first, scancel and a
+    terminal's Ctrl-C the whole group). The training process handles them and ends the run cleanly; a worker
+    that died first would turn that stop into a 'DataLoader worker killed' error. Workers end when the consumer
+    releases them (`release_worker`), or through the DataLoader's watchdog when their parent is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def kill_leftover_workers() -> None:
+    """Kill loader workers still alive after an error left their loader unclosed. They ignore SIGTERM, so
+    the interpreter's exit, which terminates and then joins them, would otherwise wait forever."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(10)
 
 
 def run_in_workers(
@@ -141,6 +156,8 @@ def run_in_workers(
         for item in items:
             yield _receive(item, rings, pin) if isinstance(item, _SlotRef) else item
     finally:
+        for ring in rings:
+            ring.release_worker()
         del items  # shuts the workers down before their shared memory goes away
         for ring in rings:
             ring.close()

@@ -108,8 +108,8 @@ class EvalConfig:
             found.append(f"eval.splits must name some of {', '.join(SPLITS)}, got {self.splits}")
         if any(m not in DECODING_MODES for m in self.modes) or not self.modes:
             found.append(f"eval.modes must name some of {', '.join(DECODING_MODES)}, got {self.modes}")
-        if self.select_split not in SPLITS:
-            found.append(f"eval.select_split {self.select_split!r} is not one of {', '.join(SPLITS)}")
+        if self.select_split not in self.splits:
+            found.append(f"eval.select_split {self.select_split!r} must be one of eval.splits {self.splits}")
         if self.select_mode not in self.modes:
             found.append(f"eval.select_mode {self.select_mode!r} must be one of eval.modes {self.modes}")
         for key in self.select:

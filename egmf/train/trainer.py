@@ -152,6 +152,12 @@ class Trainer:
             return "complete"
         self.engine.train()
         batches = self.batches()
+        try:
+            return self.train_loop(batches)
+        finally:
+            batches.close()  # stops the loader's workers now, not at garbage collection
+
+    def train_loop(self, batches) -> str:
         window = Window(self.expert_names)
         progress = self.progress_bar()
         while self.state.step < self.total_steps and not self.state.stopped_early:
@@ -337,7 +343,8 @@ class Trainer:
             self.tracker.log_figure(figure, artifact_file)
             plt.close(figure)
         self.tracker.log_artifact(os.path.join(self.output_dir, "predictions", "final"), "predictions")
-        self.tracker.log_artifact(os.path.join(self.output_dir, BEST), "best_model")
+        if os.path.isdir(os.path.join(self.output_dir, BEST)):
+            self.tracker.log_artifact(os.path.join(self.output_dir, BEST), "best_model")
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
