@@ -91,13 +91,13 @@ def score_rows(rows: list[PredictionRow]) -> dict[str, dict[str, dict[str, float
 
 def default_selection(datasets: list[str]) -> dict[str, float]:
     """wf1 for classification sets, -mae for regression sets, averaged: higher is better."""
-    return {
-        f"{d}/wf1" if get_spec(d).task == CLASSIFICATION else f"{d}/mae": (
-            1.0 if get_spec(d).task == CLASSIFICATION else -1.0
-        )
-        / len(datasets)
-        for d in datasets
-    }
+    selection = {}
+    for d in datasets:
+        if get_spec(d).task == CLASSIFICATION:
+            selection[f"{d}/wf1"] = 1.0 / len(datasets)
+        else:
+            selection[f"{d}/mae"] = -1.0 / len(datasets)
+    return selection
 
 
 def selection_score(results: dict, cfg: EvalConfig, datasets: list[str]) -> float:
