@@ -288,3 +288,23 @@ def test_torchrun_launch(train_shards, tiny_llm, tmp_path):
     _, run = only_run(out)
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert run.data.metrics["eval/test/demo_cls_en/constrained/samples"] == 24
+
+
+def test_optimizer_offload_config_trains_and_resumes(train_shards, tiny_llm, tmp_path):
+    """ds_configs/zero2_offload.json: DeepSpeed's CPU Adam (JIT-built on first use) on 2 ranks, stop and resume."""
+    out = str(tmp_path / "out")
+    args = run_args(train_shards, tiny_llm, out, "--train.steps=6", "--eval.every=0", "--checkpoint.every=0")
+    args += ["--data.eval=['demo_cls_en']", "--eval.splits=['test']", "--eval.select_split=test"]
+    args += ["--eval.modes=['constrained']", "--mlflow.system_metrics=false"]
+    command = deepspeed_command(args)
+    command[command.index("ds_configs/zero2.json")] = "ds_configs/zero2_offload.json"
+    for extra in (["--train.stop_at_step=3"], []):
+        done = subprocess.run(command + extra, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-5000:]
+    assert sorted(losses(out)) == list(range(1, 7))
+    _, run = only_run(out)
+    assert run.info.status == "FINISHED"
+    assert (
+        json.load(open(os.path.join(out, "ds_config.json")))["zero_optimization"]["offload_optimizer"]["device"]
+        == "cpu"
+    )
