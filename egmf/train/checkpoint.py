@@ -27,6 +27,7 @@ import shutil
 import torch
 
 from egmf.distributed import WorldInfo, barrier
+from egmf.shards.writer import write_atomically
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -80,12 +81,7 @@ def read_meta(checkpoint: str) -> dict:
 
 
 def write_json(path: str, value: object) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(value, indent=1).encode())
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -126,19 +122,10 @@ def save_checkpoint(
     if world.is_logging_rank:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        write_text_atomic(os.path.join(root, LATEST), step_name(step))
+        write_atomically(os.path.join(root, LATEST), f"{step_name(step)}\n".encode())
         prune(root, keep_last)
     barrier()
     return final
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prune(root: str, keep_last: int) -> None:

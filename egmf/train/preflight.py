@@ -30,18 +30,19 @@ def splits_read(cfg: Config) -> list[tuple[str, str]]:
     return [(d, "train") for d in cfg.data.train] + [(d, s) for d in cfg.data.eval for s in cfg.eval.splits]
 
 
+def shards_missing(cfg: Config) -> bool:
+    return any(not os.path.isfile(os.path.join(cfg.data.root, d, s, MANIFEST_NAME)) for d, s in splits_read(cfg))
+
+
 def demo_assets_missing(cfg: Config) -> bool:
-    shards_missing = any(
-        not os.path.isfile(os.path.join(cfg.data.root, d, s, MANIFEST_NAME)) for d, s in splits_read(cfg)
-    )
-    return is_demo(cfg) and (shards_missing or not os.path.isfile(os.path.join(cfg.llm.path, "config.json")))
+    return is_demo(cfg) and (shards_missing(cfg) or not os.path.isfile(os.path.join(cfg.llm.path, "config.json")))
 
 
 def build_demo_assets(cfg: Config) -> None:
     """The demo shards and the tiny model, where missing (one process only: rank 0 after the process group)."""
     from egmf.model.tiny import build_tiny_llm
 
-    if any(not os.path.isfile(os.path.join(cfg.data.root, d, s, MANIFEST_NAME)) for d, s in splits_read(cfg)):
+    if shards_missing(cfg):
         build_demo(cfg.data.root, DEMO_SIZES, seed=0)
     build_tiny_llm(cfg.llm.path)
 
