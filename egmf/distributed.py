@@ -55,8 +55,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(world: WorldInfo, device: torch.device, timeout_minutes: int = 30) -> None:
-    """Start the process group (also for one process: DeepSpeed needs one)."""
+def init_distributed(world: WorldInfo, device: torch.device, timeout_s: int = 1800) -> None:
+    """Start the process group (also for one process: DeepSpeed needs one). A collective that waits longer
+    than `timeout_s` raises (gloo) or aborts the rank (NCCL with TORCH_NCCL_ASYNC_ERROR_HANDLING)."""
     import deepspeed
 
     env = {"RANK": world.rank, "LOCAL_RANK": world.local_rank, "WORLD_SIZE": world.world_size}
@@ -71,10 +72,15 @@ def init_distributed(world: WorldInfo, device: torch.device, timeout_minutes: in
         if key not in os.environ:  # a launcher's values win; ours are taken back by close_distributed
             os.environ[key] = str(value)
             _env_set_here.append(key)
+    # DeepSpeed creates its data-parallel groups with new_group(ranks) and no timeout, which torch fills in
+    # with its module defaults (30 min gloo, 10 min NCCL), not ours: set those, so every group times out alike.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.distributed_c10d.default_pg_timeout = timeout
+    dist.distributed_c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=False,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout=timeout,
         verbose=False,
     )
 
@@ -89,10 +95,15 @@ def close_distributed() -> None:
 _env_set_here: list[str] = []
 
 
+def node_name() -> str:
+    """This node's name: Slurm's name for it inside a job (several slurmd may share one host), else the host's."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def host_names(world: WorldInfo) -> list[str]:
-    """Host name of every rank (a collective: call it on all ranks)."""
+    """Node name of every rank (a collective: call it on all ranks)."""
     names = [None] * world.world_size
-    dist.all_gather_object(names, socket.gethostname())
+    dist.all_gather_object(names, node_name())
     return names
 
 

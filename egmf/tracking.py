@@ -12,6 +12,7 @@ only here and only on the logging rank (it costs seconds to import).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -22,6 +23,8 @@ from egmf.train.config import MLflowConfig
 logger = logging.getLogger("egmf.train")
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+RUN_RECORD = "mlflow_run.json"
+"""OUTPUT_DIR/mlflow_run.json: where the job's run is, for whoever must end it when the logging rank cannot."""
 
 
 class NullTracker:
@@ -144,6 +147,49 @@ class MLflowTracker(NullTracker):
         if self.monitor is not None:
             self.monitor.finish()
         self.client.set_terminated(self.run_id, status)
+
+
+def write_run_record(output_dir: str, tracker: NullTracker) -> None:
+    from egmf.shards.writer import write_atomically
+
+    if tracker.run_id:
+        record = json.dumps({"tracking_uri": tracker.uri, "run_id": tracker.run_id}).encode()
+        write_atomically(os.path.join(output_dir, RUN_RECORD), record)
+
+
+def close_unfinished_run(output_dir: str, status: str) -> str:
+    """End the job's MLflow run with `status` if it is still RUNNING; say what was done.
+
+    For the job script after its ranks are gone: a rank killed outright (out of memory, SIGKILL, a
+    timed-out NCCL abort) never reaches its own `end`. Failure notes the ranks left are attached as a tag.
+    """
+    from mlflow.tracking import MlflowClient
+
+    path = os.path.join(output_dir, RUN_RECORD)
+    if not os.path.exists(path):
+        return f"no MLflow run recorded in {output_dir} (the job stopped before tracking started)"
+    with open(path) as f:
+        record = json.load(f)
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["run_id"])
+    if run.info.status != "RUNNING":
+        return f"MLflow run {run.info.run_id} already ended {run.info.status}"
+    notes = _failure_notes(output_dir)
+    if notes:
+        client.set_tag(run.info.run_id, "failure", notes[:5000])
+    client.set_terminated(run.info.run_id, status)
+    return f"MLflow run {run.info.run_id} was still RUNNING; marked {status}"
+
+
+def _failure_notes(output_dir: str) -> str:
+    """The last line of each rank's failure marker (trainer.write_failure): the exception, usually."""
+    folder = os.path.join(output_dir, "failures")
+    notes = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name)) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        notes.append(f"{name}: {lines[-1] if lines else ''}")
+    return "\n".join(notes)
 
 
 def _param_text(value: object) -> str:

@@ -13,8 +13,14 @@ directory, the shards and the checkpoint to resume are checked before any
 process group starts; problems are printed together and the exit code is 2.
 
 Exit codes: 0 finished (or stopped at train.stop_at_step), 1 failed, 2 bad
-configuration, 143 terminated by SIGTERM (a checkpoint is saved at the next step
-boundary; the MLflow run ends KILLED).
+configuration; 143 after SIGTERM and 138 after SIGUSR1 (Slurm's warning before
+the time limit): a checkpoint is saved at the next step boundary and the MLflow
+run ends KILLED until a rerun resumes it. slurm/train_egmf.sh requeues on 138.
+
+    python launch/train.py [same arguments] --close-run=FAILED
+
+ends the job's MLflow run with that status if it is still RUNNING: the job
+script does this when a rank was killed outright and could not end it.
 """
 
 from __future__ import annotations
@@ -33,18 +39,35 @@ logger = logging.getLogger("egmf.train")
 
 
 class StopSignal:
-    """Remembers a SIGTERM (scancel, the launcher stopping the job). The handler only sets a flag: a
-    rank may be inside a collective, where a Python exception could not be raised anyway. The trainer
-    checks the flag at each step boundary, agrees on it across ranks, saves a checkpoint and stops."""
+    """Remembers SIGTERM (scancel, the launcher stopping the job) and SIGUSR1 (Slurm's warning before the time
+    limit). The handler only sets a flag: a rank may be inside a collective, where a Python exception could not
+    be raised anyway. The trainer checks the flag at each step boundary, agrees on it across ranks, saves a
+    checkpoint and stops. Installed first thing, so a signal during start-up is not fatal either."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.received = False
+        self.signum: int | None = None
+        self.previous = {}
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)  # what a shell reports for a process the signal ended
 
     def __call__(self, signum, frame):
-        self.received = True
+        self.signum = self.signum or signum
 
-    def install(self):
-        return signal.signal(signal.SIGTERM, self)
+    def install(self) -> StopSignal:
+        self.previous = {signum: signal.signal(signum, self) for signum in self.SIGNALS}
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -52,6 +75,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", help=f"TOML recipe (default: the embedded demo, {DEFAULT_RECIPE})")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON config (default: deepspeed.config of the recipe)")
     parser.add_argument("--resume", help="'auto' (default: the latest complete checkpoint), 'never' or a folder")
+    parser.add_argument("--close-run", choices=("FAILED", "KILLED"), help="end the job's MLflow run if still RUNNING")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from deepspeed; env wins
     return parser.parse_known_args(argv)
 
@@ -87,29 +111,47 @@ def setup_logging(is_logging_rank: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from egmf.config import ConfigError
 
+    stop = StopSignal().install()
     try:
-        cfg, ds_config, world, device = configure(argv)
-    except (ConfigError, RuntimeError) as exc:
+        if parse_args(argv)[0].close_run:
+            return close_run(argv)
+        try:
+            cfg, ds_config, world, device = configure(argv)
+        except (ConfigError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        setup_logging(world.is_logging_rank)
+        if world.is_logging_rank:
+            logger.info("resolved config:\n%s", format_config(cfg))
+        return run(cfg, ds_config, world, device, stop)
+    finally:
+        stop.uninstall()
+
+
+def close_run(argv: list[str] | None) -> int:
+    from egmf.config import ConfigError, load_config
+    from egmf.tracking import close_unfinished_run
+
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(world.is_logging_rank)
-    if world.is_logging_rank:
-        logger.info("resolved config:\n%s", format_config(cfg))
-    return run(cfg, ds_config, world, device)
+    print(close_unfinished_run(cfg.train.output_dir, args.close_run))
+    return 0
 
 
-def run(cfg, ds_config, world, device) -> int:
+def run(cfg, ds_config, world, device, stop: StopSignal) -> int:
     from egmf.data.transport import kill_leftover_workers
     from egmf.distributed import barrier, close_distributed, init_distributed
     from egmf.train import checkpoint
     from egmf.train.preflight import build_demo_assets, demo_assets_missing
     from egmf.train.trainer import Trainer, clear_failures, failed_ranks, write_failure
 
-    stop = StopSignal()
-    previous = stop.install()
     trainer = None
     try:
-        init_distributed(world, device)
+        init_distributed(world, device, cfg.train.collective_timeout_s)
         if world.is_logging_rank:
             clear_failures(cfg.train.output_dir)
             if demo_assets_missing(cfg):
@@ -123,7 +165,8 @@ def run(cfg, ds_config, world, device) -> int:
         trainer.end("KILLED" if outcome == "terminated" else "FINISHED")
         if world.is_logging_rank:
             print_browse_hint(trainer, outcome)
-        return 143 if outcome == "terminated" else 0
+        barrier()  # leave together: a job script may cut short ranks that outlive the first one to exit
+        return stop.exit_code if outcome == "terminated" else 0
     except BaseException as exc:
         # After a SIGTERM, an error (a collective broken by a peer that stopped) is part of the stop.
         stopped = stop.received or isinstance(exc, KeyboardInterrupt)
@@ -135,10 +178,9 @@ def run(cfg, ds_config, world, device) -> int:
             trainer.end(status)
         if stopped:
             logger.warning("stopped (%s); the MLflow run ends %s", type(exc).__name__, status)
-            return 143
+            return stop.exit_code
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         close_distributed()
         kill_leftover_workers()
 

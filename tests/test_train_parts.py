@@ -184,3 +184,46 @@ def test_scores_and_selection():
     eval_cfg.select = {"demo_reg_en/mae": -2.0}
     assert selection_score(results, eval_cfg, ["demo_cls_en", "demo_reg_en"]) == pytest.approx(-1.5)
     assert selection_score({}, eval_cfg, ["demo_reg_en"]) == -math.inf
+
+
+def test_stop_signals_set_a_flag_and_the_exit_code():
+    """SIGUSR1 (Slurm's time-limit warning) and SIGTERM only set a flag; the exit code names the first one."""
+    import signal
+
+    stop = train_entry.StopSignal().install()
+    try:
+        assert not stop.received
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received and stop.signum == signal.SIGUSR1 and stop.exit_code == 138
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_close_run_ends_only_a_run_left_running(tmp_path, capsys):
+    """What the job script does when a rank was killed outright: end the recorded run FAILED, once."""
+    from mlflow.tracking import MlflowClient
+
+    from egmf.tracking import write_run_record
+
+    out = str(tmp_path / "out")
+    args = [f"--train.output_dir={out}", "--close-run=FAILED"]
+    assert train_entry.main(args) == 0
+    assert "no MLflow run recorded" in capsys.readouterr().out
+
+    uri = f"sqlite:///{out}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("egmf")).info.run_id
+    os.makedirs(os.path.join(out, "failures"))
+    with open(os.path.join(out, "failures", "rank1.txt"), "w") as f:
+        f.write("n2\nTraceback ...\nRuntimeError: Connection closed by peer\n")
+    write_run_record(out, type("Tracker", (), {"uri": uri, "run_id": run_id})())
+
+    assert train_entry.main(args) == 0
+    assert f"MLflow run {run_id} was still RUNNING; marked FAILED" in capsys.readouterr().out
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure"] == "rank1.txt: RuntimeError: Connection closed by peer"
+    assert train_entry.main(args) == 0
+    assert "already ended FAILED" in capsys.readouterr().out

@@ -12,32 +12,13 @@ import time
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
+from run_helpers import REPO, SMALL_EVAL, STEPS, all_artifacts, losses, only_run, run_args
 
 from egmf.distributed import free_port
 from egmf.shards.manifest import load_manifest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 DATASETS = ("demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh")
-STEPS = 16
-
-
-def run_args(shards: str, llm: str, out: str, *extra: str) -> list[str]:
-    return [
-        f"--data.root={shards}",
-        f"--llm.path={llm}",
-        f"--train.output_dir={out}",
-        f"--train.steps={STEPS}",
-        "--train.log_every=1",
-        "--data.batch_size=8",
-        "--data.num_workers=1",
-        "--eval.batch_size=24",
-        "--eval.every=8",
-        "--checkpoint.every=4",
-        "--optim.warmup_steps=4",
-        *extra,
-    ]
 
 
 def deepspeed_command(args: list[str]) -> list[str]:
@@ -52,22 +33,6 @@ def deepspeed_train(args: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(deepspeed_command(args), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
-
-
-def store(out: str) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{out}/mlflow.db")
-
-
-def only_run(out: str):
-    client = store(out)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return client, runs[0]
-
-
-def losses(out: str) -> dict[int, float]:
-    client, run = only_run(out)
-    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +109,6 @@ def test_mlflow_run_contents(two_rank_run):
         "best_model/adapter/adapter_config.json",
     ):
         assert path in artifacts, (path, sorted(artifacts))
-
-
-def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
-    found = []
-    for item in client.list_artifacts(run_id, path):
-        found += all_artifacts(client, run_id, item.path) if item.is_dir else [item.path]
-    return found
 
 
 def test_predictions_cover_each_sample_once(two_rank_run, train_shards):
@@ -279,8 +237,7 @@ def test_one_process_reaches_the_metrics_of_two_ranks(two_rank_run, train_shards
 def test_torchrun_launch(train_shards, tiny_llm, tmp_path):
     out = str(tmp_path / "out")
     args = run_args(train_shards, tiny_llm, out, "--train.steps=2", "--eval.every=0", "--checkpoint.every=0")
-    args += ["--data.eval=['demo_cls_en']", "--eval.splits=['test']", "--eval.select_split=test"]
-    args += ["--eval.modes=['constrained']"]
+    args += SMALL_EVAL
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     command += [str(free_port()), "launch/train.py", *args]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -294,8 +251,7 @@ def test_optimizer_offload_config_trains_and_resumes(train_shards, tiny_llm, tmp
     """ds_configs/zero2_offload.json: DeepSpeed's CPU Adam (JIT-built on first use) on 2 ranks, stop and resume."""
     out = str(tmp_path / "out")
     args = run_args(train_shards, tiny_llm, out, "--train.steps=6", "--eval.every=0", "--checkpoint.every=0")
-    args += ["--data.eval=['demo_cls_en']", "--eval.splits=['test']", "--eval.select_split=test"]
-    args += ["--eval.modes=['constrained']", "--mlflow.system_metrics=false"]
+    args += [*SMALL_EVAL, "--mlflow.system_metrics=false"]
     command = deepspeed_command(args)
     command[command.index("ds_configs/zero2.json")] = "ds_configs/zero2_offload.json"
     for extra in (["--train.stop_at_step=3"], []):

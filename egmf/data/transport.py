@@ -118,12 +118,14 @@ def _receive(ref: _SlotRef, rings: list[_SlotRing], pin: bool) -> Batch:
 
 
 def _leave_stop_signals_to_the_parent(worker_id: int) -> None:
-    """SIGTERM/SIGINT reach the whole process tree (the launcher terminates children first, scancel and a
-    terminal's Ctrl-C the whole group). The training process handles them and ends the run cleanly; a worker
-    that died first would turn that stop into a 'DataLoader worker killed' error. Workers end when the consumer
-    releases them (`release_worker`), or through the DataLoader's watchdog when their parent is gone."""
+    """SIGTERM/SIGINT/SIGUSR1 reach the whole process tree (the launcher terminates children first; scancel,
+    Slurm's time-limit warning and a terminal's Ctrl-C signal the whole group). The training process handles
+    them and ends the run cleanly; a worker that died first would turn that stop into a 'DataLoader worker
+    killed' error. Workers end when the consumer releases them (`release_worker`), or through the DataLoader's
+    watchdog when their parent is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def kill_leftover_workers() -> None:

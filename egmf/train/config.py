@@ -66,11 +66,16 @@ class TrainConfig:
     """End the job after this step with a checkpoint, as a preemption would; a rerun resumes (0: never)."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one device for MFU; 0: known from the GPU's name (no MFU on CPUs)."""
+    collective_timeout_s: int = 1800
+    """A collective waiting longer than this fails the rank (a dead or hung peer becomes an error, not a hang).
+    It must exceed the longest time ranks can drift apart: a checkpoint save, an evaluation pass."""
 
     def problems(self) -> list[str]:
         found = [f"train.{k} must be >= 0" for k in ("steps", "stop_at_step", "peak_tflops") if getattr(self, k) < 0]
         found += [
-            f"train.{k} must be >= 1" for k in ("epochs", "log_every", "max_nonfinite_in_a_row") if getattr(self, k) < 1
+            f"train.{k} must be >= 1"
+            for k in ("epochs", "log_every", "max_nonfinite_in_a_row", "collective_timeout_s")
+            if getattr(self, k) < 1
         ]
         if self.device not in ("auto", "cuda", "cpu"):
             found.append(f"train.device {self.device!r} is not one of auto, cuda, cpu")

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,9 +26,9 @@ import torch.distributed as dist
 
 from egmf.config import Config
 from egmf.data.loader import TrainLoader
-from egmf.distributed import WorldInfo, host_names
+from egmf.distributed import WorldInfo, host_names, node_name
 from egmf.model.egmf_model import EGMFModel
-from egmf.tracking import flatten, open_tracker
+from egmf.tracking import flatten, open_tracker, write_run_record
 from egmf.train import checkpoint
 from egmf.train.ds_config import offloads_optimizer, precision_name
 from egmf.train.evaluation import evaluate, flat_metrics, selection_score, write_predictions
@@ -81,7 +80,7 @@ class Trainer:
     def __init__(self, cfg: Config, ds_config: dict, world: WorldInfo, device: torch.device, stop_requested=None):
         self.cfg, self.ds_config, self.world, self.device = cfg, ds_config, world, device
         self.stop_requested = stop_requested or (lambda: False)
-        """True once this rank was asked to stop (SIGTERM); `stop_agreed` shares it with every rank."""
+        """True once this rank was asked to stop (SIGTERM, SIGUSR1); `stop_agreed` shares it with every rank."""
         self.output_dir = cfg.train.output_dir
         self.state = RunState()
         self.saved_step = -1
@@ -128,6 +127,7 @@ class Trainer:
                 "num_nodes": len(set(hosts)),
                 "hosts": ",".join(sorted(set(hosts))),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                "slurm_restarts": os.environ.get("SLURM_RESTART_COUNT", "0"),
                 "deepspeed_version": deepspeed.__version__,
                 "torch_version": torch.__version__,
                 "device": self.device.type,
@@ -136,6 +136,7 @@ class Trainer:
         )
         if self.world.is_logging_rank:
             os.makedirs(self.output_dir, exist_ok=True)
+            write_run_record(self.output_dir, tracker)
             for name, value in (("config.json", self.cfg.to_dict()), ("ds_config.json", self.ds_config)):
                 checkpoint.write_json(os.path.join(self.output_dir, name), value)
                 tracker.log_artifact(os.path.join(self.output_dir, name), "config")
@@ -386,7 +387,7 @@ def write_failure(output_dir: str, world: WorldInfo, text: str) -> None:
     folder = os.path.join(output_dir, "failures")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"rank{world.rank}.txt"), "w") as f:
-        f.write(f"{socket.gethostname()}\n{text}")
+        f.write(f"{node_name()}\n{text}")
 
 
 def failed_ranks(output_dir: str) -> list[str]:
