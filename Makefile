@@ -3,12 +3,13 @@
 #   make train  - the main job on the embedded default: demo shards + tiny LLM (built if missing),
 #                 2 CPU ranks under deepspeed on ds_configs/zero2.json, MLflow store in runs/demo
 #   make demo   - build the demo shards under shards/demo and summarise them
+#   make mlflow-ui - browse the runs of a local MLflow store (default: the demo's) at http://127.0.0.1:5000
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint train demo bench-loader clean
+.PHONY: test lint train demo mlflow-ui bench-loader clean
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
@@ -29,6 +30,15 @@ train: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m egmf.shards demo --out shards/demo
 	$(BIN)/python -m egmf.shards inspect shards/demo
+
+# One worker and no job runner: about 0.5 GB instead of 2.6 GB. Training can log to it over HTTP too
+# (--mlflow.tracking_uri=http://127.0.0.1:5000); artifacts then go to MLFLOW_ARTIFACTS through the server.
+MLFLOW_STORE ?= runs/demo/mlflow.db
+MLFLOW_ARTIFACTS ?= runs/mlflow-artifacts
+MLFLOW_PORT ?= 5000
+mlflow-ui: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) \
+		--artifacts-destination $(abspath $(MLFLOW_ARTIFACTS)) --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 bench-loader: $(STAMP)
 	$(BIN)/python bench/loader.py
