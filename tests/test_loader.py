@@ -213,3 +213,40 @@ def test_config_problems_name_the_key():
     for fragment in ("unknown dataset 'nope'", "data.train.mosei: weight 0.0", "data.batch_size", "data.truncation"):
         assert fragment in problems
     assert DataConfig().problems() == []
+
+
+def test_shards_over_http_read_like_local_ones(demo_root):
+    """A root that is a URL (an object store's HTTPS endpoint; here Python's HTTP server) streams the same
+    batches as the local folder: manifests and shards are fetched through webdataset (curl)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from egmf.distributed import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", demo_root],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/demo_cls_en/train/manifest.json", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        local = TrainLoader(DataConfig(root=demo_root, num_workers=2, batch_size=4))
+        remote = TrainLoader(DataConfig(root=url, num_workers=2, batch_size=4))
+        pairs = list(zip(local, remote, strict=True))
+        assert len(pairs) == len(local) > 0
+        for a, b in pairs:
+            assert a.ids == b.ids and torch.equal(a.audio.values, b.audio.values)
+        test = EvalLoader(DataConfig(root=url, num_workers=1, batch_size=8), "demo_reg_zh", "test")
+        assert sum(int(batch.valid.sum()) for batch in test) == 40
+    finally:
+        server.terminate()
+        server.wait(10)

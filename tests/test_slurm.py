@@ -164,7 +164,9 @@ def test_a_lost_rank_ends_the_job_failed(slurm, train_shards, tiny_llm, tmp_path
     timeout_s, exit_wait_s = 20, 15
     args = run_args(train_shards, tiny_llm, out, "--train.steps=100000", "--eval.every=0", *SMALL_EVAL)
     args += [f"--train.collective_timeout_s={timeout_s}", "--mlflow.system_metrics=false"]
-    job = submit(slurm, log, args, EGMF_EXIT_WAIT=str(exit_wait_s))
+    # the other way to set up Python: shell code instead of a venv to activate
+    setup = f"export PATH={os.path.dirname(sys.executable)}:$PATH"
+    job = submit(slurm, log, args, EGMF_EXIT_WAIT=str(exit_wait_s), EGMF_VENV="/nonexistent", EGMF_ENV_SETUP=setup)
     try:
         job_id = wait_for_log(job, log, r"egmf: job (\d+)").group(1)
         wait_for_log(job, log, r"checkpoint \S+step_00000004")
