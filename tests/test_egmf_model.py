@@ -16,7 +16,7 @@ from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
 from egmf.model.decoding import greedy, score_candidates
 from egmf.model.egmf_model import EGMFModel
 from egmf.model.llm import ModelPathError, load_tokenizer
-from egmf.model.prompt import IGNORE, PromptConfig
+from egmf.model.prompt import IGNORE, PromptConfig, pack_consecutive
 
 DIMS = {"demo_cls_en": (16, 12), "demo_cls_zh": (12, 20), "demo_reg_en": (16, 12), "demo_reg_zh": (12, 20)}
 K = 4
@@ -82,6 +82,63 @@ def test_loss_counts_only_answer_tokens(tiny_llm, demo_root):
     answer_positions = (prompt.labels[0] != IGNORE).nonzero().flatten()
     manual = torch.nn.functional.cross_entropy(logits[answer_positions - 1], prompt.labels[0][answer_positions])
     torch.testing.assert_close(loss, manual)
+
+
+def per_sample_losses(model: EGMFModel, batch, packed: bool) -> tuple[torch.Tensor, int]:
+    """(summed answer-token loss of each sample, rows used): samples are told apart by their first real token
+    (position 0), in row-major order, so one function reads both layouts."""
+    prompt, embeds, _ = model.prompt_embeddings(batch, with_answers=True, packed=packed)
+    logits = model.llm(
+        inputs_embeds=embeds,
+        attention_mask=None if packed else prompt.attention_mask,
+        position_ids=prompt.position_ids,
+        use_cache=False,
+    ).logits
+    rows, width = prompt.labels.shape
+    token_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), prompt.labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="none"
+    )
+    starts = (prompt.position_ids == 0) & (prompt.attention_mask == 1)
+    sample_of = (starts.flatten().cumsum(0) - 1).view(rows, width)[:, 1:].flatten()
+    has_loss = prompt.labels[:, 1:].flatten() != IGNORE
+    losses = torch.zeros(len(batch.ids)).index_add_(0, sample_of[has_loss], token_loss[has_loss])
+    return losses, rows
+
+
+@pytest.mark.parametrize("dataset", ["demo_cls_en", "demo_reg_zh"])
+def test_packed_rows_give_each_sample_its_unpacked_loss(tiny_llm, demo_root, dataset):
+    """Packing several samples per row (positions restarting, no 2-D mask) must not let samples see each other."""
+    model = build_model(tiny_llm).eval()
+    batch = first_batch(demo_root, dataset, batch_size=7)
+    longest = max(map(len, model.prompts.sample_rows(batch, with_answers=True)[0]))
+    model.prompts.cfg.pack_tokens = 3 * longest
+    unpacked, rows_unpacked = per_sample_losses(model, batch, packed=False)
+    packed, rows_packed = per_sample_losses(model, batch, packed=True)
+    assert rows_unpacked == 7 and rows_packed == 3  # 3 + 3 + 1 samples
+    torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-5)
+    assert (unpacked > 0).all()
+    # the model's own loss (mean over answer tokens) is the same either way
+    torch.testing.assert_close(model(batch).loss, model(batch, packed=False).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_layout(tiny_llm, demo_root):
+    model = build_model(tiny_llm)
+    batch = first_batch(demo_root, "demo_cls_en", batch_size=5)
+    rows = model.prompts.sample_rows(batch, with_answers=True)[0]
+    prompt = model.prompts.build_packed(batch, max_tokens=len(rows[0]) + len(rows[1]))
+    first = prompt.position_ids[0]
+    assert first[: len(rows[0])].tolist() == list(range(len(rows[0])))
+    assert first[len(rows[0]) : len(rows[0]) + len(rows[1])].tolist() == list(range(len(rows[1])))
+    assert int(prompt.pseudo_mask.sum()) == 5 * K and int(prompt.attention_mask.sum()) == sum(map(len, rows))
+    assert (prompt.labels[prompt.attention_mask == 0] == IGNORE).all()
+
+
+def test_packing_keeps_order_uses_fewest_rows_and_balances_them():
+    assert pack_consecutive([5, 4, 3, 9, 2], 10) == [[0, 1], [2], [3], [4]]  # 9 + 3 and 9 + 2 do not fit
+    assert pack_consecutive([5, 4, 3, 9, 2], 100) == [[0, 1, 2, 3, 4]]
+    # 2 rows are needed; greedy filling would give 9 + 9 | 2 (width 18), balanced is 9 | 9 + 2 (width 11)
+    assert pack_consecutive([9, 9, 2], 18) == [[0], [1, 2]]
+    assert pack_consecutive([30, 4], 10) == [[0], [1]]  # longer than a row: a row of its own
 
 
 def test_text_only_ablation_has_no_pseudo_tokens(tiny_llm, demo_root):

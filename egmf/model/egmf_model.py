@@ -83,9 +83,12 @@ class EGMFModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
-    def prompt_embeddings(self, batch: Batch, with_answers: bool):
+    def prompt_embeddings(self, batch: Batch, with_answers: bool, packed: bool = False):
         """(prompt batch, inputs_embeds with pseudo tokens in place, fusion output or None)."""
-        prompt = self.prompts.build(batch, with_answers)
+        if packed:
+            prompt = self.prompts.build_packed(batch, self.prompts.cfg.pack_tokens)
+        else:
+            prompt = self.prompts.build(batch, with_answers)
         prompt = PromptBatch(*(t.to(self.device) for t in vars(prompt).values()))
         embeds = self.embed(prompt.input_ids)
         if self.fusion is None:
@@ -105,11 +108,14 @@ class EGMFModel(nn.Module):
         embeds = embeds.masked_scatter(prompt.pseudo_mask[..., None], fused.pseudo_tokens.to(embeds.dtype))
         return prompt, embeds, fused
 
-    def forward(self, batch: Batch) -> EGMFOutput:
-        prompt, embeds, fused = self.prompt_embeddings(batch, with_answers=True)
+    def forward(self, batch: Batch, packed: bool | None = None) -> EGMFOutput:
+        """The loss on the answer tokens. `packed` (default: when prompt.pack_tokens is set) packs samples into
+        rows; the LLM then gets no 2-D mask and separates the samples by their restarting positions."""
+        packed = bool(self.prompts.cfg.pack_tokens) if packed is None else packed
+        prompt, embeds, fused = self.prompt_embeddings(batch, with_answers=True, packed=packed)
         out = self.llm(
             inputs_embeds=embeds,
-            attention_mask=prompt.attention_mask,
+            attention_mask=None if packed else prompt.attention_mask,
             position_ids=prompt.position_ids,
             labels=prompt.labels,
             use_cache=False,

@@ -76,9 +76,6 @@ def enable_checkpointing(model) -> None:
 
 def load_llm(cfg: LLMConfig, lora: LoraConfig, attention: str, device: torch.device):
     """(peft model with frozen base and trainable LoRA, tokenizer)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     tokenizer = load_tokenizer(cfg.path, cfg.pad_token)
     try:
         base = AutoModelForCausalLM.from_pretrained(
@@ -88,15 +85,23 @@ def load_llm(cfg: LLMConfig, lora: LoraConfig, attention: str, device: torch.dev
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelPathError(f"cannot load a causal LM from {cfg.path}: {exc}") from None
+    return add_lora(base, lora, cfg.gradient_checkpointing, cfg.path).to(device), tokenizer
+
+
+def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool, where: str = "the model"):
+    """Freeze `base` and wrap it with trainable LoRA adapters (a peft model)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
     base.requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         # Non-reentrant: with reentrant checkpointing LoRA gets no gradient when nothing
         # upstream requires grad (peft #137, transformers #42489).
         enable_checkpointing(base)
     missing = [m for m in lora.target_modules if not any(name.endswith(m) for name, _ in base.named_modules())]
     if missing:
         raise ValueError(
-            f"lora.target_modules {missing} match no layer of {cfg.path}; "
+            f"lora.target_modules {missing} match no layer of {where}; "
             f"for {type(base).__name__} use names like q_proj, v_proj"
         )
     peft_config = PeftLoraConfig(
@@ -106,4 +111,4 @@ def load_llm(cfg: LLMConfig, lora: LoraConfig, attention: str, device: torch.dev
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, peft_config).to(device), tokenizer
+    return get_peft_model(base, peft_config)

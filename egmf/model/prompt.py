@@ -8,6 +8,12 @@ Templates are config (per dataset, else per task and language); `{signals}`
 marks where the pseudo tokens go and must come before `{text}`. Sequences are
 left-padded with explicit position ids, so a sample's prompt has the same
 positions in training, candidate scoring and generation.
+
+With `pack_tokens`, training rows instead hold several samples one after the
+other, each with positions from 0 (`build_packed`). The LLM then gets no 2-D
+attention mask: transformers reads the restarting positions as sample
+boundaries (varlen flash attention on GPU, a block-diagonal causal mask with
+SDPA), so no sample attends to another and each loss is what it was unpacked.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ class PromptConfig:
     """Utterance tokens kept (in the prompt and as the fusion module's text input)."""
     text_only: bool = False
     """Ablation: no pseudo tokens, no markers; the LLM sees only the text prompt."""
+    pack_tokens: int = 0
+    """Training: pack consecutive samples into rows of at most this many tokens, without attention between them
+    (0: one left-padded sample per row). A sample longer than this gets a row of its own."""
 
     def template_for(self, dataset: str) -> str:
         spec = get_spec(dataset)
@@ -65,6 +74,8 @@ class PromptConfig:
                 found.append(f"prompt template for {dataset}: {{signals}} must come before {{text}}")
         if self.max_text_tokens < 1:
             found.append(f"prompt.max_text_tokens must be >= 1, got {self.max_text_tokens}")
+        if self.pack_tokens < 0:
+            found.append(f"prompt.pack_tokens must be >= 0 (0: no packing), got {self.pack_tokens}")
         return found
 
 
@@ -73,7 +84,9 @@ class PromptBatch:
     input_ids: torch.Tensor
     """[B, T] token ids; pseudo positions hold the pad id (their embeddings are replaced)."""
     attention_mask: torch.Tensor
+    """[B, T] 1 on real tokens, 0 on padding."""
     position_ids: torch.Tensor
+    """[B, T] positions; in packed rows they restart at 0 for each sample (and for the trailing padding)."""
     pseudo_mask: torch.Tensor
     """[B, T] True where a pseudo token goes (K per row, in order)."""
     labels: torch.Tensor
@@ -134,7 +147,8 @@ class PromptBuilder:
             )
         return self._pieces[dataset]
 
-    def build(self, batch: Batch, with_answers: bool) -> PromptBatch:
+    def sample_rows(self, batch: Batch, with_answers: bool) -> tuple[list, list, list, list]:
+        """Per sample: token ids, pseudo-token flags, labels, and the utterance tokens for the fusion module."""
         head, middle, tail = self.pieces(batch.dataset)
         verbaliser = self.verbaliser(batch.dataset)
         rows, pseudo_rows, label_rows, texts = [], [], [], []
@@ -148,20 +162,89 @@ class PromptBuilder:
             )
             label_rows.append([IGNORE] * len(prompt) + answer)
             texts.append(text_ids or [self.tokenizer.pad_token_id])
+        return rows, pseudo_rows, label_rows, texts
+
+    def build(self, batch: Batch, with_answers: bool) -> PromptBatch:
+        """One sample per row, left-padded (evaluation always; training unless packing)."""
+        rows, pseudo_rows, label_rows, texts = self.sample_rows(batch, with_answers)
         width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
 
         def left_pad(seqs, value):
             return torch.tensor([[value] * (width - len(s)) + s for s in seqs])
 
         attention_mask = left_pad([[1] * len(r) for r in rows], 0)
-        text_width = max(map(len, texts))
         return PromptBatch(
-            input_ids=left_pad(rows, pad),
+            input_ids=left_pad(rows, self.tokenizer.pad_token_id),
             attention_mask=attention_mask,
             position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
             pseudo_mask=left_pad(pseudo_rows, False).bool(),
             labels=left_pad(label_rows, IGNORE),
-            text_ids=torch.tensor([t + [pad] * (text_width - len(t)) for t in texts]),
-            text_mask=torch.tensor([[True] * len(t) + [False] * (text_width - len(t)) for t in texts]),
+            **self.text_tensors(texts),
         )
+
+    def build_packed(self, batch: Batch, max_tokens: int) -> PromptBatch:
+        """Training rows holding consecutive samples, each with positions from 0, right-padded. The samples stay
+        in batch order, row after row, so the pseudo-token slots still take the fusion outputs in order."""
+        rows, pseudo_rows, label_rows, texts = self.sample_rows(batch, with_answers=True)
+        packs = pack_consecutive([len(r) for r in rows], max_tokens)
+        width = max(sum(len(rows[j]) for j in pack) for pack in packs)
+
+        def packed(seqs, value):
+            out = []
+            for pack in packs:
+                joined = [x for j in pack for x in seqs[j]]
+                out.append(joined + [value] * (width - len(joined)))
+            return torch.tensor(out)
+
+        # The padding after the last sample is a segment of its own (positions from 0 again): nothing attends to
+        # it, and it has no loss.
+        positions = [list(range(len(r))) for r in rows]
+        position_ids = torch.tensor(
+            [
+                [p for j in pack for p in positions[j]] + list(range(width - sum(len(rows[j]) for j in pack)))
+                for pack in packs
+            ]
+        )
+        return PromptBatch(
+            input_ids=packed(rows, self.tokenizer.pad_token_id),
+            attention_mask=packed([[1] * len(r) for r in rows], 0),
+            position_ids=position_ids,
+            pseudo_mask=packed(pseudo_rows, False).bool(),
+            labels=packed(label_rows, IGNORE),
+            **self.text_tensors(texts),
+        )
+
+    def text_tensors(self, texts: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The utterances for the fusion module's text input, one per sample, right-padded."""
+        pad, width = self.tokenizer.pad_token_id, max(map(len, texts))
+        return {
+            "text_ids": torch.tensor([t + [pad] * (width - len(t)) for t in texts]),
+            "text_mask": torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in texts]),
+        }
+
+
+def pack_consecutive(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of consecutive samples per row: as few rows as fit in `max_tokens` (a longer sample gets a row of
+    its own), and among those layouts the one whose longest row is shortest, since every row is padded to it."""
+
+    def fill(capacity: int) -> list[list[int]]:
+        packs: list[list[int]] = []
+        total = 0
+        for i, length in enumerate(lengths):
+            if packs and total + length <= capacity:
+                packs[-1].append(i)
+                total += length
+            else:
+                packs.append([i])
+                total = length
+        return packs
+
+    rows = len(fill(max_tokens))
+    low, high = max(lengths), max(max_tokens, max(lengths))
+    while low < high:  # the smallest capacity that still needs no more rows
+        middle = (low + high) // 2
+        if len(fill(middle)) <= rows:
+            high = middle
+        else:
+            low = middle + 1
+    return fill(low)
