@@ -3,13 +3,14 @@
 #   make train  - the main job on the embedded default: demo shards + tiny LLM (built if missing),
 #                 2 CPU ranks under deepspeed on ds_configs/zero2.json, MLflow store in runs/demo
 #   make demo   - build the demo shards under shards/demo and summarise them
+#   make bench  - the CPU benchmarks (docs/benchmarks.md)
 #   make mlflow-ui - browse the runs of a local MLflow store (default: the demo's) at http://127.0.0.1:5000
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint train demo mlflow-ui bench-loader clean
+.PHONY: test lint train demo mlflow-ui bench bench-loader clean
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
@@ -42,6 +43,12 @@ mlflow-ui: $(STAMP)
 
 bench-loader: $(STAMP)
 	$(BIN)/python bench/loader.py
+
+# The CPU benchmarks, each printing its table (figures: docs/benchmarks.md); bench/gpu_step.py needs a GPU.
+bench: bench-loader
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/padding.py
+	$(BIN)/python bench/fusion_cost.py
 
 clean:
 	rm -rf $(VENV) shards/demo runs/demo runs/tiny-llm .pytest_cache

@@ -1,7 +1,7 @@
 """Loader throughput: the full training loader against the ceiling of plain tar iteration.
 
-    python bench/loader.py                      # 2000 MOSEI-shaped samples, workers 0/1/2
-    python bench/loader.py --samples 64 --workers 0,1   # a quick look
+    python bench/loader.py                      # 2000 MOSEI-shaped samples, then the joint mix; workers 0/1/2
+    python bench/loader.py --samples 64 --joint-samples 32 --workers 0,1   # a quick look
 
 Writes synthetic MOSEI-shaped shards (audio L ~ U{100..500} x 74, vision
 L ~ U{75..375} x 35, float16, as the builder writes them), then reads them
@@ -11,6 +11,10 @@ one process), and (c) with `TrainLoader` (resampling, decode, validate,
 collate) for each worker count, one epoch of the same number of samples.
 Prints one table; "x ceiling" is relative to (b). Page cache is warm for all:
 the shards were just written and are read once before timing.
+
+A second table does the same for the joint recipe's four-dataset mix (equal
+weights): MOSEI, SIMS-V2, MELD and CHERMA shapes (SHAPES below), where a
+CHERMA sample (about 0.9 MB) weighs fifteen MOSEI ones.
 """
 
 from __future__ import annotations
@@ -32,24 +36,38 @@ from egmf.datasets import get_spec
 from egmf.shards.clean import RawRecord
 from egmf.shards.writer import ShardLimits, write_split
 
+# dataset: (audio frames low..high, audio dim, vision frames low..high, vision dim); DESIGN.md §3
+SHAPES = {
+    "mosei": ((100, 500), 74, (75, 375), 35),
+    "sims2": ((300, 925), 25, (75, 232), 177),
+    "meld": ((50, 300), 64, (10, 60), 64),
+    "cherma": ((300, 543), 1024, (8, 16), 2048),
+}
 
-class MoseiShapedRecords(Sequence):
-    """Synthetic MOSEI-shaped records, made on access (seeded by index) so none are held in memory."""
 
-    def __init__(self, num_samples: int, seed: int = 0):
-        self.num_samples, self.seed = num_samples, seed
+class ShapedRecords(Sequence):
+    """Synthetic records of one dataset's shape, made on access (seeded by index) so none are held in memory."""
+
+    def __init__(self, num_samples: int, dataset: str = "mosei", seed: int = 0):
+        self.num_samples, self.dataset, self.seed = num_samples, dataset, seed
+        self.spec = get_spec(dataset)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, index: int) -> RawRecord:
         rng = np.random.default_rng([self.seed, index])
+        (a_low, a_high), a_dim, (v_low, v_high), v_dim = SHAPES[self.dataset]
+        if self.spec.labels:
+            label = self.spec.labels[int(rng.integers(len(self.spec.labels)))]
+        else:
+            label = round(float(rng.uniform(*self.spec.label_range)), 1)
         return RawRecord(
             id=f"bench_{index:06d}",
             text="a synthetic utterance",
-            label=round(float(rng.uniform(-3, 3)), 1),
-            audio=rng.standard_normal((int(rng.integers(100, 501)), 74), dtype=np.float32),
-            vision=rng.standard_normal((int(rng.integers(75, 376)), 35), dtype=np.float32),
+            label=label,
+            audio=rng.standard_normal((int(rng.integers(a_low, a_high + 1)), a_dim), dtype=np.float32),
+            vision=rng.standard_normal((int(rng.integers(v_low, v_high + 1)), v_dim), dtype=np.float32),
         )
 
 
@@ -75,15 +93,15 @@ def raw_read_pass(paths: list[str]) -> int:
     return num_bytes
 
 
-def loader_pass(root: str, num_samples: int, workers: int, batch_size: int) -> int:
+def loader_pass(root: str, datasets: list[str], num_samples: int, workers: int, batch_size: int) -> int:
     cfg = DataConfig(
         root=root,
-        train={"mosei": 1.0},
+        train={name: 1.0 for name in datasets},
         batch_size=batch_size,
         num_workers=workers,
         samples_per_epoch=num_samples,
-        max_audio_frames=500,
-        max_vision_frames=375,
+        max_audio_frames=max(SHAPES[name][0][1] for name in datasets),
+        max_vision_frames=max(SHAPES[name][2][1] for name in datasets),
     )
     return sum(len(batch) for batch in TrainLoader(cfg))
 
@@ -92,18 +110,23 @@ def peak_rss_mib(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-def run(num_samples: int, worker_counts: list[int], batch_size: int, shard_samples: int) -> list[dict]:
+def run(
+    num_samples: int, worker_counts: list[int], batch_size: int, shard_samples: int, datasets: list[str]
+) -> list[dict]:
     with tempfile.TemporaryDirectory() as root:
-        manifest = write_split(
-            MoseiShapedRecords(num_samples),
-            get_spec("mosei"),
-            "train",
-            root,
-            ShardLimits(max_samples=shard_samples),
-            source={"format": "bench"},
-        )
-        paths = [manifest.shard_url(i) for i in range(len(manifest.shards))]
-        total_bytes = sum(s.num_bytes for s in manifest.shards)
+        paths, total_bytes = [], 0
+        for dataset in datasets:
+            manifest = write_split(
+                ShapedRecords(num_samples // len(datasets), dataset),
+                get_spec(dataset),
+                "train",
+                root,
+                ShardLimits(max_samples=shard_samples),
+                source={"format": "bench"},
+            )
+            paths += [manifest.shard_url(i) for i in range(len(manifest.shards))]
+            total_bytes += sum(s.num_bytes for s in manifest.shards)
+        num_samples = num_samples // len(datasets) * len(datasets)
         plain_tar_pass(paths)  # warm the page cache
         start = time.perf_counter()
         samples, _ = plain_tar_pass(paths)
@@ -117,7 +140,7 @@ def run(num_samples: int, worker_counts: list[int], batch_size: int, shard_sampl
         ]
         for workers in worker_counts:
             start = time.perf_counter()
-            samples = loader_pass(root, num_samples, workers, batch_size)
+            samples = loader_pass(root, datasets, num_samples, workers, batch_size)
             rate = samples / (time.perf_counter() - start)
             rows.append({"reader": "TrainLoader", "workers": str(workers), "samples_s": rate, "ratio": rate / ceiling})
     for row in rows:
@@ -127,9 +150,9 @@ def run(num_samples: int, worker_counts: list[int], batch_size: int, shard_sampl
     return rows
 
 
-def format_table(rows: list[dict], num_samples: int, batch_size: int) -> str:
+def format_table(rows: list[dict], title: str, num_samples: int, batch_size: int) -> str:
     lines = [
-        f"MOSEI-shaped samples: {num_samples}, batch {batch_size}, cpus {os.cpu_count()}",
+        f"{title}: {num_samples} samples, batch {batch_size}, cpus {os.cpu_count()}",
         "| reader | workers | samples/s | MB/s | x ceiling |",
         "|---|---|---|---|---|",
     ]
@@ -142,16 +165,24 @@ def format_table(rows: list[dict], num_samples: int, batch_size: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=2000, help="MOSEI-shaped samples")
+    parser.add_argument("--joint-samples", type=int, default=800, help="samples of the four-dataset mix (0: skip)")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-samples", type=int, default=250)
     args = parser.parse_args(argv)
-    rows = run(args.samples, [int(w) for w in args.workers.split(",")], args.batch_size, args.shard_samples)
-    print(format_table(rows, args.samples, args.batch_size))
-    return rows
+    workers = [int(w) for w in args.workers.split(",")]
+    tables = {"mosei": run(args.samples, workers, args.batch_size, args.shard_samples, ["mosei"])}
+    print(format_table(tables["mosei"], "MOSEI-shaped", args.samples, args.batch_size))
+    if args.joint_samples:
+        shard_samples = max(1, args.shard_samples // 4)  # CHERMA samples are large; several shards per set
+        tables["joint"] = run(args.joint_samples, workers, args.batch_size, shard_samples, list(SHAPES))
+        print()
+        title = "joint mix (mosei, sims2, meld, cherma)"
+        print(format_table(tables["joint"], title, args.joint_samples, args.batch_size))
+    return tables
 
 
 if __name__ == "__main__":

@@ -105,9 +105,12 @@ def collate_features(arrays: list[np.ndarray], max_frames: int, policy: str) -> 
     arrays = [truncate_frames(a, max_frames, policy) for a in arrays]
     lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
     max_len = int(lengths.max())
-    values = np.zeros((len(arrays), max_len, arrays[0].shape[1]), dtype=arrays[0].dtype)
+    # Each element is written once: the frames, then zeros after them (np.zeros would write every padded
+    # batch twice; CHERMA batches are about 17 MB).
+    values = np.empty((len(arrays), max_len, arrays[0].shape[1]), dtype=arrays[0].dtype)
     for row, array in enumerate(arrays):
         values[row, : array.shape[0]] = array
+        values[row, array.shape[0] :] = 0
     cu_seqlens = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu_seqlens[1:])
     lengths_t = torch.from_numpy(lengths)
