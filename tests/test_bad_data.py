@@ -125,6 +125,29 @@ def test_training_worker_stops_past_the_limit(tmp_path):
         list(TrainLoader(cfg))
 
 
+def test_a_failed_worker_does_not_hold_up_the_interpreter_exit(tmp_path):
+    """Workers ignore SIGTERM (a stop is the training process's to handle). When a worker's error propagates and
+    its traceback is kept (as pytest.raises or a caller's `except ... as exc` keeps it), the loader must still
+    stop the workers; the interpreter's exit would otherwise wait for them forever."""
+    import subprocess
+    import sys
+
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "train", 12, shard_samples=6)
+    for index in range(len(manifest.shards)):
+        edit_members(manifest.shard_url(index), lambda name, data: b"junk" if name.endswith(".json") else data)
+    code = (
+        "from egmf.data.config import DataConfig\n"
+        "from egmf.data.loader import TrainLoader\n"
+        "from egmf.errors import DataError\n"
+        f"cfg = DataConfig(root={root!r}, train={{'demo_cls_en': 1.0}}, batch_size=2, num_workers=1, "
+        "max_bad_samples=2)\n"
+        "try:\n    list(TrainLoader(cfg))\nexcept DataError as exc:\n    kept = exc\n    print('failed as expected')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "failed as expected" in done.stdout, done.stderr[-3000:]
+
+
 def test_training_skips_a_few_bad_samples(tmp_path):
     root = str(tmp_path)
     manifest = write_demo_split(root, "demo_cls_en", "train", 20, shard_samples=10)

@@ -160,6 +160,20 @@ def run_in_workers(
     finally:
         for ring in rings:
             ring.release_worker()
-        del items  # shuts the workers down before their shared memory goes away
+        stop_workers(items)  # before their shared memory goes away
+        del items
         for ring in rings:
             ring.close()
+
+
+def stop_workers(items) -> None:
+    """Shut a DataLoader iterator's workers down now. Garbage collection would not do it while an exception's
+    traceback still holds the iterator, and the workers ignore SIGTERM: the interpreter's exit would then
+    wait for them forever."""
+    shutdown = getattr(items, "_shutdown_workers", None)  # what the iterator's __del__ calls
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(items, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(10)
