@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = StopSignal().install()
     try:
-        if parse_args(argv)[0].close_run:
-            return close_run(argv)
+        args, overrides = parse_args(argv)
+        if args.close_run:
+            return close_run(args, overrides)
         try:
             cfg, ds_config, world, device = configure(argv)
         except (ConfigError, RuntimeError) as exc:
@@ -128,11 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         stop.uninstall()
 
 
-def close_run(argv: list[str] | None) -> int:
+def close_run(args: argparse.Namespace, overrides: list[str]) -> int:
     from egmf.config import ConfigError, load_config
     from egmf.tracking import close_unfinished_run
 
-    args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
     except ConfigError as exc:
