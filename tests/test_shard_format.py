@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from egmf.errors import DataError
 from egmf.shards.cli import main as shards_main
+from egmf.shards.format import check_features
 from egmf.shards.manifest import load_manifest
 
 
@@ -94,3 +96,15 @@ def test_fast_npy_decode_matches_np_load_and_never_unpickles():
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="allow_pickle"):
         decode_npy(buffer.getvalue())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_feature_check_finds_every_non_finite_float16(bad):
+    """The check reads the float16 bits as integers; NaN, +inf and -inf must all be caught, the largest finite
+    values must not."""
+    array = np.full((3, 4), 65504, np.float16)  # the largest finite float16
+    array[1, 2] = -65504
+    check_features(array, "audio", 4)
+    array[2, 3] = bad
+    with pytest.raises(DataError, match="audio holds NaN or inf values"):
+        check_features(array, "audio", 4)

@@ -38,10 +38,13 @@ def test_unknown_keys_and_bad_values_fail_before_any_process_group(capsys, tmp_p
         "--optim.grad_accum=0",
         "--eval.modes=['beam']",
         "--checkpoint.keep_last=0",
+        "--train.collective_timeout_s=0",
+        "--prompt.pack_tokens=-1",
     )
     assert code == 2
     for name in ("unknown key optim.lr", "optim.grad_accum", "eval.modes", "checkpoint.keep_last"):
         assert name in err
+    assert "train.collective_timeout_s must be >= 1" in err and "prompt.pack_tokens must be >= 0" in err
     assert not dist.is_initialized()
     assert not os.listdir(tmp_path)  # nothing written
 
