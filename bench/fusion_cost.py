@@ -17,13 +17,14 @@ import argparse
 import sys
 
 import torch
+from results import add_json_argument, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from egmf.model.config import FusionConfig
 from egmf.model.fusion import FusionModule
 
 # dataset: (audio frames, audio dim, vision frames, vision dim, utterance tokens, prompt tokens); sizes from
-# DESIGN.md §3 (padded maxima for MOSEI/SIMS-V2, typical for MELD/CHERMA), prompts measured with our templates.
+# docs/method.md (padded maxima for MOSEI/SIMS-V2, typical for MELD/CHERMA), prompts measured with our templates.
 SHAPES = {
     "mosei": (500, 74, 375, 35, 50, 120),
     "sims2": (925, 25, 232, 177, 40, 110),
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--pseudo-tokens", type=int, default=8)
     parser.add_argument("--llm-hidden", type=int, default=3584)
     parser.add_argument("--llm-params", type=float, default=7.6e9)
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     cfg = FusionConfig(width=args.width, heads=args.heads, num_pseudo_tokens=args.pseudo_tokens, attention="sdpa")
     dims = {name: (shape[1], shape[3]) for name, shape in SHAPES.items()}
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             }
         )
         print(f"| {dataset} | {(shared + front) / 1e6:.1f} M | {flops / 1e9:.2f} | {llm / 1e9:.0f} | {share:.2%} |")
+    write_results(args.json, rows)
     return rows
 
 

@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 import torch
+from results import add_json_argument, write_results
 
 SHAPES = {
     "7b": {
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-vision", type=int, default=375)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak (0: from the GPU's name)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: build the tiny test tokenizer)")
+    add_json_argument(parser)
     args = parser.parse_args(argv)
 
     import tempfile
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {row['tokens_per_s']:.0f} | {row['samples_per_s']:.1f} | {mfu} | {memory} | {row['fusion_share']:.1%} |"
         )
     close_distributed()
+    write_results(args.json, rows)
     return rows
 
 

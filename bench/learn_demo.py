@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import torch
+from results import add_json_argument, write_results
 
 from egmf.data.config import DataConfig
 from egmf.data.loader import EvalLoader, TrainLoader
@@ -31,7 +32,6 @@ from egmf.shards.demo import DIMS, build_demo
 from egmf.shards.manifest import MANIFEST_NAME
 
 DATASETS = ("demo_cls_en", "demo_reg_en")
-HEADLINE = {"classification": "acc", "regression": "mae"}
 
 
 def build_model(llm_dir: str, text_only: bool, seed: int) -> EGMFModel:
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", help="where the demo shards and tiny LLM go (default: a temporary folder)")
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.work_dir:
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         with tempfile.TemporaryDirectory() as work_dir:
             outcome = run(args.steps, args.lr, args.seed, work_dir)
     print(format_table(outcome, args.steps))
+    write_results(args.json, outcome)
     return outcome
 
 

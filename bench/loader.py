@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from results import add_json_argument, write_results
 
 from egmf.data.config import DataConfig
 from egmf.data.loader import TrainLoader
@@ -36,7 +37,7 @@ from egmf.datasets import get_spec
 from egmf.shards.clean import RawRecord
 from egmf.shards.writer import ShardLimits, write_split
 
-# dataset: (audio frames low..high, audio dim, vision frames low..high, vision dim); DESIGN.md §3
+# dataset: (audio frames low..high, audio dim, vision frames low..high, vision dim); docs/method.md
 SHAPES = {
     "mosei": ((100, 500), 74, (75, 375), 35),
     "sims2": ((300, 925), 25, (75, 232), 177),
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-samples", type=int, default=250)
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
     tables = {"mosei": run(args.samples, workers, args.batch_size, args.shard_samples, ["mosei"])}
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         print()
         title = "joint mix (mosei, sims2, meld, cherma)"
         print(format_table(tables["joint"], title, args.joint_samples, args.batch_size))
+    write_results(args.json, tables)
     return tables
 
 

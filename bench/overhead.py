@@ -29,6 +29,7 @@ import tempfile
 import time
 
 import numpy as np
+from results import add_json_argument, write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD_SIZE = 2
@@ -90,10 +91,8 @@ def allreduce_seconds(repeats: int = 200) -> float:
 
 
 def worker(args) -> None:
-    sys.path.insert(0, os.path.join(REPO, "launch"))
-    import train as entry
-
     from egmf.distributed import close_distributed, init_distributed
+    from egmf.train import main as entry
     from egmf.train.trainer import Trainer
 
     train_args = [
@@ -109,7 +108,7 @@ def worker(args) -> None:
         "--mlflow.system_metrics=false",
         "--deepspeed=ds_configs/zero2.json",
     ]
-    cfg, ds_config, world, device = entry.configure(train_args)
+    cfg, ds_config, world, device = entry.configure(*entry.build_parser().parse_known_args(train_args))
     entry.setup_logging(False)
     init_distributed(world, device)
     trainer = Trainer(cfg, ds_config, world, device)
@@ -170,6 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--shards", "--llm", "--out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {row['ratio']:.3f}x |"
         )
     print(f"one 1-element all-reduce + .item(): {allreduce * 1e6:.0f} us (the trainer does 2 per step)")
+    write_results(args.json, rows)
     return rows
 
 

@@ -15,7 +15,7 @@ LLM. Tokens computed (rows x width) against useful tokens (the samples' own),
 one left-padded sample per row and packed (prompt.pack_tokens).
 
 Lengths are drawn from log-normal distributions shaped after each set (maximum
-from DESIGN.md §3, median and spread assumed, stated in the table), since the
+from docs/method.md, median and spread assumed, stated in the table), since the
 real length lists are the user's data.
 """
 
@@ -27,12 +27,13 @@ import time
 
 import numpy as np
 import torch
+from results import add_json_argument, write_results
 
 from egmf.model.config import FusionConfig
 from egmf.model.fusion import FusionModule
 from egmf.model.prompt import pack_consecutive
 
-# modality: (maximum frames, median frames, log-normal sigma); feature dims from DESIGN.md §3
+# modality: (maximum frames, median frames, log-normal sigma); feature dims from docs/method.md
 SHAPES = {
     "mosei": {"audio": (500, 150, 0.6), "vision": (375, 110, 0.6), "dims": (74, 35)},
     "sims2": {"audio": (925, 300, 0.5), "vision": (232, 75, 0.5), "dims": (25, 177)},
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.add_argument("--pseudo-tokens", type=int, default=8)
     parser.add_argument("--pack-tokens", default="512,1024", help="prompt.pack_tokens values to compare")
     parser.add_argument("--seed", type=int, default=0)
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         )
         cells = " | ".join(f"{eff:.1%} ({rows:.1f})" for eff, rows in results)
         print(f"| {dataset} | {lengths.mean():.0f} | {cells} |")
+    write_results(args.json, {"experts": expert_rows, "llm": llm_rows})
     return {"experts": expert_rows, "llm": llm_rows}
 
 

@@ -1,6 +1,11 @@
-"""The configuration: a tree of dataclasses, one section per component, from TOML recipes plus overrides.
+"""The configuration machinery: TOML recipes with includes, `--section.key=value` overrides, typed dataclass trees.
 
-    cfg = load_config("launch/recipes/mosei.toml", ["--llm.path=/models/Qwen2.5-7B-Instruct", "--data.batch_size=4"])
+    table = read_recipe("launch/recipes/mosei.toml")          # includes merged, the recipe's own values win
+    cfg = build_tree(Config, table, ["--data.batch_size=4"])    # ConfigError naming every problem at once
+
+Each component owns its section (a dataclass with a docstring under every
+field and a `problems()` method); the root tree that gathers them is
+`egmf.train.config.Config`. This module knows no section.
 
 A recipe may `include = ["other.toml", ...]` (paths relative to it), merged
 first, so dataset recipes share a backbone recipe. Overrides are
@@ -13,78 +18,26 @@ process group starts.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import json
 import os
+import re
+import textwrap
 import tomllib
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
 
-from egmf.data.config import DataConfig
-from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
-from egmf.model.prompt import PromptConfig
-from egmf.train.config import (
-    CheckpointConfig,
-    DeepSpeedConfig,
-    EvalConfig,
-    MLflowConfig,
-    OptimConfig,
-    TrainConfig,
-)
+from egmf.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """Invalid configuration; the message lists every problem, each naming its key."""
+def read_recipe(path: str, table_valued: set[str] = frozenset(), seen: tuple[str, ...] = ()) -> dict:
+    """A recipe's table with its includes merged in (the recipe's own values win).
 
-
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    """Shards, mixing, batching, workers."""
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    """The fusion module's architecture."""
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    """Prompt templates, label words, the text-only ablation."""
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    """The causal LLM backbone."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """LoRA adapters on the LLM."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer, learning-rate schedule, accumulation, clipping."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Length of the run, output folder, logging, device."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Periodic and final evaluation, best-checkpoint choice, early stopping."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Saving and resuming."""
-    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
-    """Experiment tracking."""
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    """The DeepSpeed engine's JSON config."""
-
-    def problems(self) -> list[str]:
-        datasets = sorted(set(self.data.train) | set(self.data.eval))
-        return (
-            self.data.problems()
-            + self.fusion.problems()
-            + self.prompt.problems([d for d in datasets if _known_dataset(d)])
-            + self.optim.problems()
-            + self.train.problems()
-            + self.eval.problems([d for d in self.data.eval if _known_dataset(d)])
-            + self.checkpoint.problems()
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _known_dataset(name: str) -> bool:
-    from egmf.datasets import SPECS
-
-    return name in SPECS
-
-
-def read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict:
-    """A recipe's table with its includes merged in (the recipe's own values win)."""
+    `table_valued`: dotted names of fields whose value is itself a table (see `table_valued_fields`); an include
+    and the recipe each give such a table whole, and the recipe's replaces the include's.
+    """
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f"recipe include loop: {' -> '.join(seen + (path,))}")
@@ -98,21 +51,29 @@ def read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict:
     includes = table.pop("include", [])
     merged: dict = {}
     for include in [includes] if isinstance(includes, str) else includes:
-        deep_merge(merged, read_recipe(os.path.join(os.path.dirname(path), include), seen + (path,)))
-    return deep_merge(merged, table)
+        included = read_recipe(os.path.join(os.path.dirname(path), include), table_valued, seen + (path,))
+        deep_merge(merged, included, table_valued)
+    return deep_merge(merged, table, table_valued)
 
 
-def deep_merge(base: dict, update: dict, prefix: str = "") -> dict:
+def deep_merge(base: dict, update: dict, table_valued: set[str] = frozenset(), prefix: str = "") -> dict:
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and prefix + key not in _TABLE_VALUED:
-            deep_merge(base[key], value, f"{prefix}{key}.")
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and prefix + key not in table_valued:
+            deep_merge(base[key], value, table_valued, f"{prefix}{key}.")
         else:
             base[key] = value
     return base
 
 
-# Fields whose value is itself a table: a recipe replaces them whole rather than merging key by key.
-_TABLE_VALUED = {"data.train", "eval.select"}
+def table_valued_fields(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of the fields of a dataclass tree whose type is a dict (`data.train`, `eval.select`, ...)."""
+    found = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if is_dataclass(hint):
+            found |= table_valued_fields(hint, f"{prefix}{name}.")
+        elif typing.get_origin(hint) is dict:
+            found.add(prefix + name)
+    return found
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -137,20 +98,17 @@ def apply_override(table: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
-    return config_from_table(read_recipe(recipe) if recipe else {}, overrides)
-
-
-def config_from_table(table: dict, overrides: list[str] = ()) -> Config:
-    """A checked Config from a parsed recipe (or a saved config.json) plus overrides."""
+def build_tree(cls: type, table: dict, overrides: list[str] = ()):
+    """A checked instance of the root dataclass `cls` from a parsed recipe (or a saved config.json) plus
+    overrides. The root's `problems()` checks the values; every problem is raised at once."""
     for text in overrides:
         apply_override(table, *parse_override(text))
     problems: list[str] = []
-    cfg = build(Config, table, "", problems)
-    problems += cfg.problems()  # fields with unknown keys or wrong types kept their defaults: still checkable
+    tree = build(cls, table, "", problems)
+    problems += tree.problems()  # fields with unknown keys or wrong types kept their defaults: still checkable
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    return cfg
+    return tree
 
 
 def build(cls: type, table: dict, prefix: str, problems: list[str]):
@@ -191,3 +149,71 @@ def checked(value: Any, hint: Any) -> Any:
     if origin is None and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise TypeError(f"expected {getattr(hint, '__name__', None) or hint}, got {value!r}")
+
+
+def range_problems(
+    section: str,
+    values: object,
+    keys: typing.Iterable[str],
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> list[str]:
+    """One line per key of `values` outside the range, all in one format: `section.key must be >= 1, got 0`,
+    `section.key must be > 0, got 0.0`, `section.key must be in [0, 1), got 1.5`."""
+    if low is not None and high is not None:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        wanted = f"{'<' if high_open else '<='} {high:g}"
+    found = []
+    for key in keys:
+        value = getattr(values, key)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            found.append(f"{section}.{key} must be {wanted}, got {value!r}")
+    return found
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (attribute docstrings live only in the source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for statement, following in zip(body, body[1:], strict=False):
+        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and is_doc:
+            docs[statement.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def describe_tree(cls: type) -> str:
+    """Every section and key of a config tree with its default and doc, for `--help`."""
+    lines = []
+    section_docs = field_docs(cls)
+    for section in fields(cls):
+        section_cls = typing.get_type_hints(cls)[section.name]
+        lines.append(f"[{section.name}]  {section_docs.get(section.name, '')}")
+        docs = field_docs(section_cls)
+        for item in fields(section_cls):
+            default = item.default_factory() if item.default_factory is not MISSING else item.default
+            lines.append(f"  --{section.name}.{item.name}={toml_value(default)}")
+            lines.append(f"      {docs.get(item.name, '')}")
+    return "\n".join(lines)
+
+
+def toml_value(value: Any) -> str:
+    """`value` written as TOML, the way an override takes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        keys = [k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k) for k in value]
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in zip(keys, value.values(), strict=True)) + "}"
+    return repr(value)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from egmf.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -39,11 +41,20 @@ def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:
     return WorldInfo(0, 0, 1)
 
 
+def check_rendezvous(world: WorldInfo) -> None:
+    """Several ranks need a rendezvous address, which every launcher sets; a bare `python` of rank 1 has none."""
+    if world.world_size > 1 and "MASTER_ADDR" not in os.environ:
+        raise ConfigError(
+            f"rank {world.rank} of {world.world_size}: MASTER_ADDR is not set; launch with deepspeed, torchrun "
+            "or slurm/train_egmf.sh, which set the rendezvous address"
+        )
+
+
 def pick_device(world: WorldInfo, choice: str) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use train.device=auto or cpu")
+        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device; use train.device=auto or cpu")
     device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
@@ -61,13 +72,9 @@ def init_distributed(world: WorldInfo, device: torch.device, timeout_s: int = 18
     import deepspeed
 
     env = {"RANK": world.rank, "LOCAL_RANK": world.local_rank, "WORLD_SIZE": world.world_size}
+    check_rendezvous(world)
     if world.world_size == 1:
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
-    elif "MASTER_ADDR" not in os.environ:
-        raise RuntimeError(
-            f"rank {world.rank} of {world.world_size}: MASTER_ADDR is not set; launch with deepspeed, torchrun "
-            "or slurm/train_egmf.sh, which set the rendezvous address"
-        )
     for key, value in env.items():
         if key not in os.environ:  # a launcher's values win; ours are taken back by close_distributed
             os.environ[key] = str(value)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from egmf.datasets import CLASSIFICATION, DatasetSpec, get_spec
+from egmf.errors import ConfigError
 
 DEFAULT_WORDS = {
     "en": {
@@ -53,11 +54,12 @@ class Verbaliser:
         chosen = {name: (words or {}).get(name, DEFAULT_WORDS[spec.lang].get(name, name)) for name in spec.labels}
         unknown = set(words or {}) - set(spec.labels)
         if unknown:
-            raise ValueError(
-                f"label words for {dataset} name unknown classes {sorted(unknown)}; classes: {', '.join(spec.labels)}"
+            raise ConfigError(
+                f"prompt.label_words for {dataset} name unknown classes {sorted(unknown)}; "
+                f"classes: {', '.join(spec.labels)}"
             )
         if len(set(chosen.values())) != len(chosen):
-            raise ValueError(f"label words for {dataset} are not distinct: {chosen}")
+            raise ConfigError(f"prompt.label_words for {dataset} are not distinct: {chosen}")
         return cls(spec, chosen)
 
     def verbalise(self, label: str | float) -> str:

@@ -1,4 +1,4 @@
-"""The field's standard metrics (DESIGN.md §4), so results compare with published ones.
+"""The field's standard metrics (definitions and sources: docs/method.md), so results compare with published ones.
 
     score("meld", ["joy", "anger"], ["joy", "joy"])      -> {"acc": 0.5, "wf1": ...}
     score("mosei", [0.4, -1.2], [0.6, 0.0])              -> {"has0_acc2": ..., "acc7": ..., "mae": ...}

@@ -16,15 +16,30 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
+from egmf.atomic import write_json
 from egmf.distributed import WorldInfo
-from egmf.train.config import MLflowConfig
 
 logger = logging.getLogger("egmf.train")
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 RUN_RECORD = "mlflow_run.json"
 """OUTPUT_DIR/mlflow_run.json: where the job's run is, for whoever must end it when the logging rank cannot."""
+
+
+@dataclass
+class MLflowConfig:
+    enabled: bool = True
+    """Track the run in MLflow (on the logging rank only)."""
+    tracking_uri: str = ""
+    """Tracking store; empty: $MLFLOW_TRACKING_URI when set, else sqlite:///OUTPUT_DIR/mlflow.db."""
+    experiment: str = "egmf"
+    """Experiment the run belongs to."""
+    run_name: str = ""
+    """Run name; empty: the output folder's name."""
+    system_metrics: bool = True
+    """Log CPU/GPU/memory metrics of the logging rank's node in the background."""
 
 
 class NullTracker:
@@ -150,18 +165,15 @@ class MLflowTracker(NullTracker):
 
 
 def write_run_record(output_dir: str, tracker: NullTracker) -> None:
-    from egmf.shards.writer import write_atomically
-
     if tracker.run_id:
-        record = json.dumps({"tracking_uri": tracker.uri, "run_id": tracker.run_id}).encode()
-        write_atomically(os.path.join(output_dir, RUN_RECORD), record)
+        write_json(os.path.join(output_dir, RUN_RECORD), {"tracking_uri": tracker.uri, "run_id": tracker.run_id})
 
 
-def close_unfinished_run(output_dir: str, status: str) -> str:
+def close_unfinished_run(output_dir: str, status: str, failure_notes: str = "") -> str:
     """End the job's MLflow run with `status` if it is still RUNNING; say what was done.
 
     For the job script after its ranks are gone: a rank killed outright (out of memory, SIGKILL, a
-    timed-out NCCL abort) never reaches its own `end`. Failure notes the ranks left are attached as a tag.
+    timed-out NCCL abort) never reaches its own `end`. `failure_notes` become the run's `failure` tag.
     """
     from mlflow.tracking import MlflowClient
 
@@ -174,22 +186,10 @@ def close_unfinished_run(output_dir: str, status: str) -> str:
     run = client.get_run(record["run_id"])
     if run.info.status != "RUNNING":
         return f"MLflow run {run.info.run_id} already ended {run.info.status}"
-    notes = _failure_notes(output_dir)
-    if notes:
-        client.set_tag(run.info.run_id, "failure", notes[:5000])
+    if failure_notes:
+        client.set_tag(run.info.run_id, "failure", failure_notes[:5000])
     client.set_terminated(run.info.run_id, status)
     return f"MLflow run {run.info.run_id} was still RUNNING; marked {status}"
-
-
-def _failure_notes(output_dir: str) -> str:
-    """The last line of each rank's failure marker (trainer.write_failure): the exception, usually."""
-    folder = os.path.join(output_dir, "failures")
-    notes = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name)) as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-        notes.append(f"{name}: {lines[-1] if lines else ''}")
-    return "\n".join(notes)
 
 
 def _param_text(value: object) -> str:

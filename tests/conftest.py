@@ -1,10 +1,15 @@
-"""Shared fixtures: public-layout input files, demo shards, small custom splits."""
+"""Shared fixtures: public-layout input files, demo shards, small custom splits; what a test needs installed.
+
+Test tiers (markers, registered in pyproject.toml): `slow` (multi-process DeepSpeed runs, learning runs,
+benchmarks), `cluster` (a real Slurm cluster), `browser` (the MLflow UI in Chromium), `gpu` (CUDA). `make
+test-fast` runs every test without these markers; `make test` runs them all.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
-import sys
+import shutil
 
 import numpy as np
 import pytest
@@ -13,8 +18,20 @@ from egmf.datasets import get_spec
 from egmf.shards.demo import build_demo, demo_patterns, make_record
 from egmf.shards.writer import ShardLimits, write_split
 
-# The benchmark scripts are tested too (tiny shapes), so they can be imported as modules.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose system requirement is missing, saying what to install; under CI (CI=true) fail instead:
+    .ci/run installs everything, so a missing piece there is a broken install step, not a reason to skip."""
+    if available:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {what}")
+    pytest.skip(what)
+
+
+def require_binaries(*names: str, install: str) -> None:
+    missing = [name for name in names if shutil.which(name) is None]
+    require(not missing, f"needs {', '.join(missing)} on PATH ({install}; .ci/run installs it)")
 
 MOSEI_DIMS = (74, 35)
 MELD_DIMS = (64, 64)

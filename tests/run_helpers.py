@@ -1,8 +1,11 @@
-"""What several test modules need to start a short training run and read its MLflow store."""
+"""What several test modules need: a short training run and its MLflow store, a benchmark run as a user runs it."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 from mlflow.tracking import MlflowClient
 
@@ -58,3 +61,13 @@ def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) ->
     for item in client.list_artifacts(run_id, path):
         found += all_artifacts(client, run_id, item.path) if item.is_dir else [item.path]
     return found
+
+
+def run_bench(script: str, args: list[str], tmp_path, timeout: int = 600) -> tuple[str, object]:
+    """(stdout, the figures of its --json file) of `python bench/SCRIPT ARGS`, which must succeed."""
+    results = os.path.join(str(tmp_path), f"{script}.json")
+    command = [sys.executable, os.path.join("bench", script), *args, "--json", results]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    with open(results) as f:
+        return done.stdout, json.load(f)

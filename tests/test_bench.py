@@ -1,15 +1,22 @@
-"""Benchmarks run on a tiny shape so they cannot rot (their figures live in docs/benchmarks.md)."""
+"""Benchmarks run as a user runs them (`python bench/X.py ... --json PATH`) on a tiny shape, so they cannot rot
+(their figures live in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
-import loader as bench_loader
+import json
+import subprocess
+import sys
+
+import pytest
+from run_helpers import REPO, run_bench
+
+pytestmark = pytest.mark.slow
 
 
-def test_loader_bench_prints_a_table(capsys):
-    tables = bench_loader.main(
-        ["--samples", "48", "--joint-samples", "32", "--workers", "0,1", "--batch-size", "8", "--shard-samples", "16"]
-    )
-    out = capsys.readouterr().out
+def test_loader_bench_prints_a_table(tmp_path):
+    args = ["--samples", "48", "--joint-samples", "32", "--workers", "0,1", "--batch-size", "8"]
+    args += ["--shard-samples", "16"]
+    out, tables = run_bench("loader.py", args, tmp_path)
     for rows in tables.values():
         assert [r["reader"] for r in rows] == ["raw bytes", "plain tarfile (ceiling)", "TrainLoader", "TrainLoader"]
         assert all(r["samples_s"] > 0 and r["ratio"] > 0 for r in rows)
@@ -17,53 +24,89 @@ def test_loader_bench_prints_a_table(capsys):
     assert "joint mix (mosei, sims2, meld, cherma): 32 samples" in out
 
 
-def test_fusion_cost_bench_counts_params_and_flops(capsys):
-    import fusion_cost
-
-    rows = fusion_cost.main(
-        ["--width", "32", "--heads", "4", "--pseudo-tokens", "2", "--llm-hidden", "64", "--llm-params", "2e5"]
-    )
+def test_fusion_cost_bench_counts_params_and_flops(tmp_path):
+    args = ["--width", "32", "--heads", "4", "--pseudo-tokens", "2", "--llm-hidden", "64", "--llm-params", "2e5"]
+    out, rows = run_bench("fusion_cost.py", args, tmp_path)
     assert [r["dataset"] for r in rows] == ["mosei", "sims2", "meld", "cherma"]
     assert all(r["params"] > 0 and r["fusion_gflop"] > 0 and 0 < r["share"] < 1 for r in rows)
     assert rows[3]["params"] > rows[2]["params"]  # CHERMA's 1024/2048-dim front ends are the largest
-    assert "| mosei |" in capsys.readouterr().out
+    assert "| mosei |" in out
 
 
-def test_padding_bench_counts_work_and_tokens(capsys):
-    import padding
-
-    result = padding.main(
-        ["--width", "32", "--heads", "4", "--llm-hidden", "64", "--batches", "6", "--timed-batches", "1"]
-    )
+def test_padding_bench_counts_work_and_tokens(tmp_path):
+    args = ["--width", "32", "--heads", "4", "--llm-hidden", "64", "--batches", "6", "--timed-batches", "1"]
+    out, result = run_bench("padding.py", args, tmp_path)
     experts, llm = result["experts"], result["llm"]
     assert [r["dataset"] for r in experts[::2]] == ["mosei", "sims2", "meld"]
     for row in experts:  # varlen does less work than batch-max padding, which does less than padding to the max
         assert 0 < row["varlen_share"] < row["batch_max_share"] <= 1
         assert row["seconds_dataset_max"] > 0 and row["seconds_batch_max"] > 0
-    for row in llm:  # packing a whole batch into one row wastes nothing
-        assert row["efficiency"][0] <= row["efficiency"][512] <= row["efficiency"][1024] == 1.0
-        assert row["rows"][0] == 8 and row["rows"][1024] == 1
-    assert "| mosei | audio |" in capsys.readouterr().out
+    for row in llm:  # packing a whole batch into one row wastes nothing (JSON keys: the packing limit as text)
+        assert row["efficiency"]["0"] <= row["efficiency"]["512"] <= row["efficiency"]["1024"] == 1.0
+        assert row["rows"]["0"] == 8 and row["rows"]["1024"] == 1
+    assert "| mosei | audio |" in out
 
 
-def test_overhead_bench_times_both_loops_on_two_ranks(capsys):
-    import overhead
-
-    rows = overhead.main(["--steps", "3", "--warmup", "1", "--log-every", "2"])
+def test_overhead_bench_times_both_loops_on_two_ranks(tmp_path):
+    out, rows = run_bench("overhead.py", ["--steps", "3", "--warmup", "1", "--log-every", "2"], tmp_path)
     assert [r["loop"] for r in rows] == ["bare", "trainer"]
     assert all(r["mean_ms"] > 0 for r in rows) and rows[0]["ratio"] == 1.0
-    assert "| trainer |" in capsys.readouterr().out
+    assert "| trainer |" in out
 
 
-def test_gpu_step_bench_runs_every_variant_on_a_tiny_cpu_shape(capsys):
+def test_gpu_step_bench_runs_every_variant_on_a_tiny_cpu_shape(tmp_path):
     """On a CPU only the SDPA variants run (flash-attn needs CUDA); MFU needs a known peak, so none here."""
-    import gpu_step
-
-    rows = gpu_step.main(["--shape", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "3"])
+    args = ["--shape", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "3"]
+    out, rows = run_bench("gpu_step.py", args, tmp_path)
     variants = [(r["checkpointing"], r["packing"]) for r in rows]
     assert variants == [(False, False), (False, True), (True, False), (True, True)]
     assert all(r["attention"] == "sdpa" and r["tokens_per_s"] > 0 and 0 < r["fusion_share"] for r in rows)
     assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"]  # packing changes the layout, not the tokens
     assert all(r["mfu"] is None for r in rows)
-    out = capsys.readouterr().out
     assert "flash-attn variants need CUDA" in out and "| sdpa | on | on |" in out
+
+
+def write_wheel(folder) -> str:
+    """A minimal pure-Python wheel (a wheel is a zip with its metadata), standing in for the ones a GPU machine
+    lacks, so the install stage runs without a network."""
+    import zipfile
+
+    path = folder / "gpu_check_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("gpu_check_probe/__init__.py", "__version__ = '1.0'\n")
+        info = "gpu_check_probe-1.0.dist-info"
+        wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: gpu-check-probe\nVersion: 1.0\n")
+        tags = "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        wheel.writestr(f"{info}/WHEEL", tags)
+        wheel.writestr(f"{info}/RECORD", "")
+    return str(path)
+
+
+def test_gpu_check_runs_every_stage_and_records_each(tmp_path):
+    """The CPU-runnable parts of `make gpu-check`: wheels installed offline, the environment read, the parity test
+    skipped with its reason (no CUDA), the step bench on a tiny shape, two training steps on the demo."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_wheel(wheels)
+    small_eval = ["--data.eval=['demo_cls_en']", "--eval.splits=['test']", "--eval.select_split=test"]
+    small_eval += ["--eval.modes=['constrained']"]
+    args = ["--wheels", str(wheels), "--device", "cpu", "--shape", "tiny", "--batch-size", "3"]
+    args += ["--step-steps", "2", "--step-warmup", "1", "--train-steps", "2"]
+    args += [f"--train-override={o}" for o in small_eval] + ["--out", str(tmp_path / "gpu_check.json")]
+    command = [sys.executable, "bench/gpu_check.py", *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = {s["stage"]: s for s in json.load(open(tmp_path / "gpu_check.json"))["stages"]}
+    assert list(stages) == ["install", "environment", "parity", "step", "train"]
+    assert stages["install"]["status"] == "ok"
+    assert stages["install"]["figures"]["wheels"] == ["gpu_check_probe-1.0-py3-none-any.whl"]
+    environment = stages["environment"]["figures"]
+    assert environment["cuda_available"] is False and environment["deepspeed"] and environment["torch"]
+    assert stages["parity"]["status"] == "skipped" and stages["parity"]["figures"] == {"skipped": 1}
+    assert "needs a CUDA GPU" in stages["parity"]["output"]
+    step = stages["step"]
+    assert step["status"] == "ok" and len(step["figures"]) == 4 and all(r["tokens_per_s"] > 0 for r in step["figures"])
+    train = stages["train"]["figures"]
+    assert stages["train"]["status"] == "ok" and train["steps"] == 2 and train["samples_per_s_per_device"] > 0
+    assert train["test_metrics"]["eval/test/demo_cls_en/constrained/samples"] == 128
+    assert "| train | ok |" in done.stdout

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from egmf.config import Config, ConfigError, load_config
+from egmf.errors import ConfigError
+from egmf.train.config import Config, load_config
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "launch", "recipes")
 

@@ -210,7 +210,12 @@ def test_truncation_policies():
 def test_config_problems_name_the_key():
     cfg = DataConfig(train={"mosei": 0.0, "nope": 1.0}, batch_size=0, truncation="tail")
     problems = "\n".join(cfg.problems())
-    for fragment in ("unknown dataset 'nope'", "data.train.mosei: weight 0.0", "data.batch_size", "data.truncation"):
+    for fragment in (
+        "unknown dataset 'nope'",
+        "data.train.mosei must be > 0, got 0.0",
+        "data.batch_size must be >= 1, got 0",
+        "data.truncation",
+    ):
         assert fragment in problems
     assert DataConfig().problems() == []
 

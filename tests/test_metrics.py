@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values (DESIGN.md §4), ties at 0, np.round's ties-to-even, clipping."""
+"""Metrics against hand-computed values (definitions: docs/method.md), ties at 0, np.round's ties-to-even, clipping."""
 
 from __future__ import annotations
 

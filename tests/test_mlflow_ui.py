@@ -16,6 +16,7 @@ import time
 import urllib.request
 
 import pytest
+from conftest import require_binaries
 from mlflow.tracking import MlflowClient
 from run_helpers import REPO, SMALL_EVAL, run_args
 
@@ -24,15 +25,11 @@ from egmf.distributed import free_port
 RUN_NAME = "ui-check"
 
 
+pytestmark = pytest.mark.browser
+
+
 def chromium() -> str:
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        pytest.skip("needs Chromium (apt-get install chromium fonts-noto-cjk; .ci/run installs it)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "fonts-noto-cjk"], env=env, check=True, timeout=900)
+    require_binaries("chromium", install="apt-get install chromium fonts-noto-cjk")
     return shutil.which("chromium")
 
 
@@ -85,7 +82,8 @@ def run_on_server(mlflow_server, train_shards, tiny_llm, tmp_path_factory):
 
 
 def browser(url: str, *action: str) -> subprocess.CompletedProcess:
-    """Headless Chromium, flags from LOCAL_SERVICES.md; the virtual time budget lets the page's scripts finish."""
+    """Headless Chromium without background networking (the machine may be offline); the virtual time budget lets
+    the page's scripts finish."""
     with tempfile.TemporaryDirectory() as profile:
         command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
         command += ["--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]

@@ -14,18 +14,22 @@ import time
 
 import psutil
 import pytest
+from conftest import require, require_binaries
 from run_helpers import REPO, SMALL_EVAL, losses, only_run, run_args
 
 from egmf.train.checkpoint import resolve_resume
 
 CLUSTER = os.path.join(REPO, "tests", "cluster")
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """SLURM_CONF of a running 2-node cluster, stopped after the module."""
-    if os.geteuid() != 0:
-        pytest.skip("starting slurmd and munged needs root (CI runs these tests as root)")
+    daemons = ("slurmctld", "slurmd", "sbatch", "munged")
+    require_binaries(*daemons, install="apt-get install slurmctld slurmd slurm-client munge")
+    require(os.geteuid() == 0, "starting slurmd and munged needs root (CI runs these tests as root)")
     state = str(tmp_path_factory.mktemp("slurm"))
     env = {**os.environ, "EGMF_SLURM_DIR": state}
     up = subprocess.run([f"{CLUSTER}/slurm_up.sh"], env=env, capture_output=True, text=True, timeout=600)

@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import sys
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from egmf.model.egmf_model import EGMFModel
 from egmf.train.checkpoint import read_meta
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
 def args(shards: str, llm: str, out: str, *extra: str) -> list[str]:
@@ -66,8 +66,7 @@ def nan_loss(on_calls: set[int] | None, counter: list[int]) -> None:
 
 
 def child(argv: list[str], fault: str, results) -> None:
-    sys.path.insert(0, os.path.join(REPO, "launch"))
-    import train as train_entry
+    from egmf.train import main as train_entry
 
     counter: list[int] = []
     if fault == "crash_in_second_export":
@@ -154,3 +153,16 @@ def test_early_stopping_and_a_complete_run_is_not_rerun(train_shards, tiny_llm, 
     assert run_main(argv)[0] == 0  # resume auto finds the run complete
     assert read_meta(latest)["step"] == 4
     assert the_run(out)[1].info.status == "FINISHED"
+
+
+def test_final_evaluation_can_be_switched_off(train_shards, tiny_llm, tmp_path):
+    """eval.final=false: the periodic evaluations and best/ as usual, no evaluation of the final weights; the run
+    still ends complete (final_metrics.json) and FINISHED."""
+    out = str(tmp_path / "out")
+    assert run_main(args(train_shards, tiny_llm, out, "--eval.every=4", "--eval.final=false"))[0] == 0
+    assert sorted(os.listdir(os.path.join(out, "predictions"))) == ["step_00000004"]
+    final = json.load(open(os.path.join(out, "final_metrics.json")))
+    assert final["step"] == 8 and final["best_step"] == 4
+    _, run = the_run(out)
+    assert run.info.status == "FINISHED"
+    assert json.load(open(os.path.join(out, "best", "best.json")))["step"] == 4

@@ -6,22 +6,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from egmf.config import ConfigError, load_config
 from egmf.distributed import WorldInfo, world_info_from_env
+from egmf.errors import ConfigError
+from egmf.train import main as train_entry
+from egmf.train.config import load_config
 from egmf.train.ds_config import resolve_ds_config
 from egmf.train.evaluation import PredictionRow, score_rows, selection_score
 from egmf.train.optim import WarmupCosine, param_groups
+from egmf.train.stop_signal import StopSignal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import train as train_entry  # noqa: E402
-
 ZERO2 = os.path.join(REPO, "ds_configs", "zero2.json")
 
 
@@ -193,7 +192,7 @@ def test_stop_signals_set_a_flag_and_the_exit_code():
     """SIGUSR1 (Slurm's time-limit warning) and SIGTERM only set a flag; the exit code names the first one."""
     import signal
 
-    stop = train_entry.StopSignal().install()
+    stop = StopSignal().install()
     try:
         assert not stop.received
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -230,3 +229,62 @@ def test_close_run_ends_only_a_run_left_running(tmp_path, capsys):
     assert run.data.tags["failure"] == "rank1.txt: RuntimeError: Connection closed by peer"
     assert train_entry.main(args) == 0
     assert "already ended FAILED" in capsys.readouterr().out
+
+
+def test_help_lists_every_section_and_key_with_default_and_doc(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_entry.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for section in ("data", "fusion", "prompt", "llm", "lora", "optim", "train", "eval", "checkpoint", "mlflow"):
+        assert f"\n[{section}]" in out, section
+    assert '--data.root="shards/demo"' in out and "Shard root (a folder" in out
+    assert "--optim.lora_lr=0.0002\n      Peak learning rate of the LoRA adapters." in out
+    assert "--eval.final=true" in out and "--mlflow.enabled=true" in out
+
+
+def test_console_scripts_run_after_install(demo_root):
+    """`pip install -e .` (make) puts one command per job on the venv's PATH."""
+    import subprocess
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    for command in ("egmf-train", "egmf-evaluate"):
+        done = subprocess.run([os.path.join(bin_dir, command), "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and f"usage: {command}" in done.stdout, done.stderr[-2000:]
+    done = subprocess.run(
+        [os.path.join(bin_dir, "egmf-shards"), "inspect", demo_root], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "== demo_cls_en/train" in done.stdout, done.stderr[-2000:]
+
+
+def test_exit_code_2_only_for_problems_found_before_training(capsys, tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        code, err = run_main(capsys, f"--train.output_dir={tmp_path}", "--train.device=cuda")
+        assert code == 2 and "torch sees no CUDA device" in err
+    code, err = run_main(
+        capsys, f"--train.output_dir={tmp_path}", "--prompt.label_words={demo_cls_en = {joy = 'a', anger = 'a'}}"
+    )
+    assert code == 2 and "prompt.label_words for demo_cls_en are not distinct" in err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a bad input")
+
+    monkeypatch.setattr("egmf.train.ds_config.resolve_ds_config", broken)
+    with pytest.raises(RuntimeError, match="a bug, not a bad input"):  # a traceback (exit 1), never "bad config"
+        train_entry.main([f"--train.output_dir={tmp_path}"])
+    assert not dist.is_initialized()
+
+
+def test_ranges_are_reported_in_one_format():
+    from egmf.config import range_problems
+    from egmf.train.config import OptimConfig
+
+    optim = OptimConfig(fusion_lr=0.0, beta1=1.5, grad_accum=0, min_lr_ratio=2.0)
+    assert optim.problems() == [
+        "optim.fusion_lr must be > 0, got 0.0",
+        "optim.beta1 must be in [0, 1), got 1.5",
+        "optim.min_lr_ratio must be in [0, 1], got 2.0",
+        "optim.grad_accum must be >= 1, got 0",
+    ]
+    assert range_problems("eval", OptimConfig(), ["clip_grad"], high=0.5) == ["eval.clip_grad must be <= 0.5, got 1.0"]

@@ -21,6 +21,9 @@ DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 DATASETS = ("demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh")
 
 
+pytestmark = pytest.mark.slow
+
+
 def deepspeed_command(args: list[str]) -> list[str]:
     return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py"] + [
         "--deepspeed",
@@ -137,18 +140,34 @@ def test_resume_is_exact(two_rank_run, train_shards, tiny_llm, tmp_path):
 
 
 def test_evaluate_a_checkpoint_alone(two_rank_run, tmp_path):
-    out, _ = two_rank_run
-    sys.path.insert(0, os.path.join(REPO, "launch"))
-    import evaluate as evaluate_entry
+    from egmf.train import evaluate_main
 
+    out, _ = two_rank_run
     ckpt = os.path.join(out, "checkpoints", f"step_{STEPS:08d}")
-    code = evaluate_entry.main(["--checkpoint", ckpt, "--out", str(tmp_path), "--modes", "constrained"])
+    code = evaluate_main.main(["--checkpoint", ckpt, "--out", str(tmp_path), "--modes", "constrained"])
     assert code == 0
     alone = json.load(open(tmp_path / "metrics.json"))
     in_training = json.load(open(os.path.join(out, "final_metrics.json")))["metrics"]
     assert alone and all(k.split("/")[3] == "constrained" for k in alone)
     for key, value in alone.items():
         assert value == pytest.approx(in_training[key], abs=1e-6), key
+
+
+def test_evaluate_the_best_model_on_the_test_split(two_rank_run, tmp_path):
+    """The README's example: `egmf-evaluate --checkpoint OUTPUT_DIR/best --splits test`. The saved config selects on
+    valid; evaluating test alone must not trip over that. The results are laid out as training's evaluations."""
+    from egmf.train import evaluate_main
+
+    out, _ = two_rank_run
+    code = evaluate_main.main(["--checkpoint", os.path.join(out, "best"), "--splits", "test", "--out", str(tmp_path)])
+    assert code == 0
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "test.jsonl"]
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert metrics and all(key.startswith("eval/test/") for key in metrics)
+    rows = [json.loads(line) for line in open(tmp_path / "test.jsonl")]
+    assert {r["split"] for r in rows} == {"test"} and {r["mode"] for r in rows} == {"constrained", "generate"}
+    training = os.path.join(out, "predictions", "final")
+    assert sorted(os.listdir(training)) == ["metrics.json", "test.jsonl", "valid.jsonl"]
 
 
 def test_sigterm_ends_the_run_killed(train_shards, tiny_llm, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from egmf.config import range_problems
 from egmf.data.collate import TRUNCATION_POLICIES
 from egmf.datasets import DEMO_DATASETS, SPECS
 
@@ -38,20 +39,17 @@ class DataConfig:
     """Batches each worker prepares ahead."""
 
     def problems(self) -> list[str]:
-        """Every invalid value, as 'data.key: why' lines (empty when valid)."""
+        """Every invalid value, one line each (empty when valid)."""
         found = []
         for name in list(self.train) + list(self.eval):
             if name not in SPECS:
                 found.append(f"data: unknown dataset {name!r} (known: {', '.join(SPECS)})")
         if not self.train:
             found.append("data.train: name at least one dataset to train on")
-        found += [f"data.train.{name}: weight {w} must be > 0" for name, w in self.train.items() if not w > 0]
-        for key in ("batch_size", "open_shards", "max_audio_frames", "max_vision_frames", "prefetch_batches"):
-            if getattr(self, key) < 1:
-                found.append(f"data.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("num_workers", "samples_per_epoch", "max_bad_samples"):
-            if getattr(self, key) < 0:
-                found.append(f"data.{key}: must be >= 0, got {getattr(self, key)}")
+        found += [f"data.train.{name} must be > 0, got {w!r}" for name, w in self.train.items() if not w > 0]
+        at_least_one = ("batch_size", "open_shards", "max_audio_frames", "max_vision_frames", "prefetch_batches")
+        found += range_problems("data", self, at_least_one, low=1)
+        found += range_problems("data", self, ("num_workers", "samples_per_epoch", "max_bad_samples"), low=0)
         if self.truncation not in TRUNCATION_POLICIES:
             found.append(f"data.truncation: {self.truncation!r} is not one of {', '.join(TRUNCATION_POLICIES)}")
         return found

@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from egmf.errors import TarFormatError
+
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 REGULAR = (b"0", b"\0", b"7")
-
-
-class TarFormatError(ValueError):
-    """The bytes are not a readable tar archive (bad header, truncated data)."""
 
 
 def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:

@@ -11,8 +11,8 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from egmf.data.tar_members import TarFormatError, iter_members
-from egmf.errors import DataError
+from egmf.data.tar_members import iter_members
+from egmf.errors import DataError, TarFormatError
 from egmf.shards.format import Sample, check_sample, decode_sample
 from egmf.shards.manifest import SplitManifest, is_url
 

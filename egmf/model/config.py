@@ -1,16 +1,23 @@
-"""The `fusion` section of the configuration: every architectural choice of the fusion module.
+"""The model's sections of the configuration: fusion, prompt, llm, lora.
 
-The paper publishes only an outline (DESIGN.md §1); docs/model.md says why each default is what it is.
+The paper publishes only an outline of the method (docs/method.md); every
+architectural choice is a field here, and docs/model.md says why each default
+is what it is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from egmf.config import range_problems
+from egmf.datasets import CLASSIFICATION, get_spec
+from egmf.errors import ConfigError
+from egmf.labels import Verbaliser
 from egmf.model.attention import BACKENDS
 
 EXPERTS = ("local", "semantic", "global")
 GATINGS = ("dynamic", "uniform")
+DECODING_MODES = ("generate", "constrained")
 
 
 @dataclass
@@ -42,9 +49,9 @@ class FusionConfig:
             found.append(f"fusion.width {self.width} must be a multiple of fusion.heads {self.heads}")
         if self.local_kernel < 1 or self.local_kernel % 2 == 0:
             found.append(f"fusion.local_kernel must be odd and >= 1, got {self.local_kernel}")
-        for key in ("width", "heads", "global_layers", "num_pseudo_tokens", "time_frequencies"):
-            if getattr(self, key) < 1:
-                found.append(f"fusion.{key} must be >= 1, got {getattr(self, key)}")
+        found += range_problems(
+            "fusion", self, ("width", "heads", "global_layers", "num_pseudo_tokens", "time_frequencies"), low=1
+        )
         unknown = [e for e in self.experts if e not in EXPERTS]
         if unknown or not self.experts or len(set(self.experts)) != len(self.experts):
             found.append(f"fusion.experts must be distinct names from {', '.join(EXPERTS)}, got {self.experts}")
@@ -52,8 +59,7 @@ class FusionConfig:
             found.append(f"fusion.gating {self.gating!r} is not one of {', '.join(GATINGS)}")
         if self.attention not in BACKENDS:
             found.append(f"fusion.attention {self.attention!r} is not one of {', '.join(BACKENDS)}")
-        if not 0 <= self.dropout < 1:
-            found.append(f"fusion.dropout must be in [0, 1), got {self.dropout}")
+        found += range_problems("fusion", self, ["dropout"], low=0, high=1, high_open=True)
         return found
 
 
@@ -81,3 +87,56 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Linear layers of the LLM that get LoRA adapters."""
+
+
+DEFAULT_TEMPLATES = {
+    "classification_en": "Task: recognise the speaker's emotion. Answer with one of: {labels}.\n"
+    "Signals: {signals}\nUtterance: {text}\nEmotion:",
+    "regression_en": "Task: rate the sentiment intensity from {low} (most negative) to {high} (most positive), "
+    "with one decimal.\nSignals: {signals}\nUtterance: {text}\nIntensity:",
+    "classification_zh": "任务：识别说话人的情绪，从以下选项中选一个：{labels}。\n"
+    "信号：{signals}\n话语：{text}\n情绪：",
+    "regression_zh": "任务：判断情感强度，范围从 {low}（最消极）到 {high}（最积极），保留一位小数。\n"
+    "信号：{signals}\n话语：{text}\n强度：",
+}
+
+
+@dataclass
+class PromptConfig:
+    templates: dict[str, str] = field(default_factory=dict)
+    """Template per dataset name, overriding the default per task and language (DEFAULT_TEMPLATES)."""
+    label_words: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per dataset: class name -> the word the model answers with (default: English names, CHERMA's words in zh)."""
+    signals_open: str = "<signals>"
+    """Marker before the pseudo tokens."""
+    signals_close: str = "</signals>"
+    """Marker after the pseudo tokens."""
+    max_text_tokens: int = 64
+    """Utterance tokens kept (in the prompt and as the fusion module's text input)."""
+    text_only: bool = False
+    """Ablation: no pseudo tokens, no markers; the LLM sees only the text prompt."""
+    pack_tokens: int = 0
+    """Training: pack consecutive samples into rows of at most this many tokens, without attention between them
+    (0: one left-padded sample per row). A sample longer than this gets a row of its own."""
+
+    def template_for(self, dataset: str) -> str:
+        spec = get_spec(dataset)
+        return self.templates.get(dataset, DEFAULT_TEMPLATES[f"{spec.task}_{spec.lang}"])
+
+    def problems(self, datasets: list[str]) -> list[str]:
+        found = []
+        for dataset in datasets:
+            template, spec = self.template_for(dataset), get_spec(dataset)
+            needed = ["{signals}", "{text}"] + (["{labels}"] if spec.task == CLASSIFICATION else ["{low}", "{high}"])
+            missing = [p for p in needed if p not in template]
+            if missing:
+                found.append(f"prompt template for {dataset} lacks {', '.join(missing)}")
+            elif template.index("{signals}") > template.index("{text}"):
+                found.append(f"prompt template for {dataset}: {{signals}} must come before {{text}}")
+            try:
+                Verbaliser.for_dataset(dataset, self.label_words.get(dataset))
+            except ConfigError as exc:
+                found.append(str(exc))
+        found += range_problems("prompt", self, ["max_text_tokens"], low=1)
+        found += range_problems("prompt", self, ["pack_tokens"], low=0)  # 0: no packing
+        return found

@@ -19,13 +19,13 @@ from torch import nn
 
 from egmf.data.collate import Batch
 from egmf.datasets import CLASSIFICATION
-from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
+from egmf.errors import ConfigError
+from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfig, PromptConfig
 from egmf.model.decoding import greedy, score_candidates, weighted_median
 from egmf.model.fusion import FusionModule
 from egmf.model.llm import load_llm
-from egmf.model.prompt import PromptBatch, PromptBuilder, PromptConfig
+from egmf.model.prompt import PromptBatch, PromptBuilder
 
-DECODING_MODES = ("generate", "constrained")
 ADAPTER_DIR = "adapter"
 FUSION_WEIGHTS = "fusion.safetensors"
 FUSION_META = "fusion.json"
@@ -67,7 +67,7 @@ class EGMFModel(nn.Module):
     ) -> EGMFModel:
         problems = fusion_cfg.problems() + prompt_cfg.problems(list(feature_dims))
         if problems:
-            raise ValueError("invalid model config: " + "; ".join(problems))
+            raise ConfigError("invalid model config: " + "; ".join(problems))
         llm, tokenizer = load_llm(llm_cfg, lora_cfg, fusion_cfg.attention, device)
         fusion = None
         if not prompt_cfg.text_only:

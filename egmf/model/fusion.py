@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from egmf.errors import ConfigError, DataError
 from egmf.model.config import FusionConfig
 from egmf.model.experts import GlobalExpert, LocalExpert, MultiHeadAttention, SemanticExpert, masked_mean
 
@@ -110,7 +111,7 @@ class FusionModule(nn.Module):
         super().__init__()
         problems = cfg.problems()
         if problems:
-            raise ValueError("invalid fusion config: " + "; ".join(problems))
+            raise ConfigError("invalid fusion config: " + "; ".join(problems))
         d = cfg.width
         self.cfg, self.feature_dims = cfg, dict(feature_dims)
         self.text_front = FrontEnd(llm_hidden, d)
@@ -159,13 +160,13 @@ class FusionModule(nn.Module):
 
     def check_dims(self, dataset: str, audio: torch.Tensor, vision: torch.Tensor) -> None:
         if dataset not in self.feature_dims:
-            raise ValueError(
+            raise DataError(
                 f"the fusion module has no front end for dataset {dataset!r}; it was built for "
                 f"{', '.join(self.feature_dims)}. Add the dataset to the model's feature_dims"
             )
         expected = self.feature_dims[dataset]
         if (audio.shape[-1], vision.shape[-1]) != tuple(expected):
-            raise ValueError(
+            raise DataError(
                 f"{dataset}: features have dims audio {audio.shape[-1]} / vision {vision.shape[-1]}, "
                 f"the model expects {expected[0]} / {expected[1]}; rebuild the shards or the model "
                 "config so they agree"
@@ -185,6 +186,6 @@ def check_feature_dims(feature_dims: dict[str, tuple[int, int]], manifests: list
                 f"the model expects {expected[0]} / {expected[1]}"
             )
     if problems:
-        raise ValueError(
+        raise DataError(
             "feature dims do not match: " + "; ".join(problems) + ". Rebuild the shards or fix the model's feature_dims"
         )

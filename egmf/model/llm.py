@@ -12,21 +12,18 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from egmf.errors import ConfigError, ModelPathError
 from egmf.model.attention import llm_attn_implementation
 from egmf.model.config import LLMConfig, LoraConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ModelPathError(ValueError):
-    """The model directory is missing, incomplete or not a causal LM."""
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"llm.dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"llm.dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -100,7 +97,7 @@ def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool, where: str = 
         enable_checkpointing(base)
     missing = [m for m in lora.target_modules if not any(name.endswith(m) for name, _ in base.named_modules())]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"lora.target_modules {missing} match no layer of {where}; "
             f"for {type(base).__name__} use names like q_proj, v_proj"
         )

@@ -18,7 +18,7 @@ SDPA), so no sample attends to another and each loss is what it was unpacked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -26,57 +26,9 @@ from transformers import PreTrainedTokenizerBase
 from egmf.data.collate import Batch
 from egmf.datasets import CLASSIFICATION, get_spec
 from egmf.labels import Verbaliser
+from egmf.model.config import PromptConfig
 
 IGNORE = -100
-DEFAULT_TEMPLATES = {
-    "classification_en": "Task: recognise the speaker's emotion. Answer with one of: {labels}.\n"
-    "Signals: {signals}\nUtterance: {text}\nEmotion:",
-    "regression_en": "Task: rate the sentiment intensity from {low} (most negative) to {high} (most positive), "
-    "with one decimal.\nSignals: {signals}\nUtterance: {text}\nIntensity:",
-    "classification_zh": "任务：识别说话人的情绪，从以下选项中选一个：{labels}。\n"
-    "信号：{signals}\n话语：{text}\n情绪：",
-    "regression_zh": "任务：判断情感强度，范围从 {low}（最消极）到 {high}（最积极），保留一位小数。\n"
-    "信号：{signals}\n话语：{text}\n强度：",
-}
-
-
-@dataclass
-class PromptConfig:
-    templates: dict[str, str] = field(default_factory=dict)
-    """Template per dataset name, overriding the default per task and language (DEFAULT_TEMPLATES)."""
-    label_words: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Per dataset: class name -> the word the model answers with (default: English names, CHERMA's words in zh)."""
-    signals_open: str = "<signals>"
-    """Marker before the pseudo tokens."""
-    signals_close: str = "</signals>"
-    """Marker after the pseudo tokens."""
-    max_text_tokens: int = 64
-    """Utterance tokens kept (in the prompt and as the fusion module's text input)."""
-    text_only: bool = False
-    """Ablation: no pseudo tokens, no markers; the LLM sees only the text prompt."""
-    pack_tokens: int = 0
-    """Training: pack consecutive samples into rows of at most this many tokens, without attention between them
-    (0: one left-padded sample per row). A sample longer than this gets a row of its own."""
-
-    def template_for(self, dataset: str) -> str:
-        spec = get_spec(dataset)
-        return self.templates.get(dataset, DEFAULT_TEMPLATES[f"{spec.task}_{spec.lang}"])
-
-    def problems(self, datasets: list[str]) -> list[str]:
-        found = []
-        for dataset in datasets:
-            template, spec = self.template_for(dataset), get_spec(dataset)
-            needed = ["{signals}", "{text}"] + (["{labels}"] if spec.task == CLASSIFICATION else ["{low}", "{high}"])
-            missing = [p for p in needed if p not in template]
-            if missing:
-                found.append(f"prompt template for {dataset} lacks {', '.join(missing)}")
-            elif template.index("{signals}") > template.index("{text}"):
-                found.append(f"prompt template for {dataset}: {{signals}} must come before {{text}}")
-        if self.max_text_tokens < 1:
-            found.append(f"prompt.max_text_tokens must be >= 1, got {self.max_text_tokens}")
-        if self.pack_tokens < 0:
-            found.append(f"prompt.pack_tokens must be >= 0 (0: no packing), got {self.pack_tokens}")
-        return found
 
 
 @dataclass

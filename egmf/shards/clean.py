@@ -88,7 +88,7 @@ def clean_features(
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
         raise DataError(
             f"{where}: {modality} features have shape {list(array.shape)} ({array.dtype}); expected a numeric "
-            "[frames, dim] array. Check the input layout (DESIGN.md §3)"
+            "[frames, dim] array. Check the input layout (docs/method.md)"
         )
     expected_dim = dims.setdefault(modality, array.shape[1])
     if array.shape[1] != expected_dim:

@@ -1,9 +1,9 @@
-"""`python -m egmf.shards`: build shards from public releases, build the demo, inspect shards.
+"""`egmf-shards` (or `python -m egmf.shards`): build shards from public releases, build the demo, inspect shards.
 
-    python -m egmf.shards build --format mmsa --dataset mosei --input unaligned_50.pkl --out data/shards
-    python -m egmf.shards build --format mse-adapter --dataset meld --input MELD_DIR --out data/shards
-    python -m egmf.shards demo --out shards/demo
-    python -m egmf.shards inspect data/shards [--verify]
+    egmf-shards build --format mmsa --dataset mosei --input unaligned_50.pkl --out data/shards
+    egmf-shards build --format mse-adapter --dataset meld --input MELD_DIR --out data/shards
+    egmf-shards demo --out shards/demo
+    egmf-shards inspect data/shards [--verify]
 
 Everything runs on a CPU.
 """
@@ -38,7 +38,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m egmf.shards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="egmf-shards", description=__doc__.split("\n")[0].split(": ", 1)[1])
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="convert a public release into shards")
@@ -121,7 +121,7 @@ def build_summary(manifests: list[SplitManifest]) -> str:
 def inspect_report(root: str, verify: bool = False) -> str:
     manifests = find_manifests(root)
     if not manifests:
-        raise DataError(f"no manifest.json under {root}; build shards first (python -m egmf.shards build/demo)")
+        raise DataError(f"no manifest.json under {root}; build shards first (egmf-shards build/demo)")
     lines = []
     for m in manifests:
         size = sum(s.num_bytes for s in m.shards)

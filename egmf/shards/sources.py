@@ -1,4 +1,4 @@
-"""Readers for the public processed releases (DESIGN.md §3).
+"""Readers for the public processed releases (their layouts: docs/method.md).
 
 These are Python pickles, so they are read only here, by the offline builder,
 from files the user names; shards and the training loader never unpickle.

@@ -4,7 +4,8 @@ Guarantees:
 - Deterministic: the same records and options give byte-identical shards
   (fixed tar header fields, fixed member order, seeded shuffle of train).
 - Atomic: each shard is written as `*.tar.partial` and renamed when complete;
-  a split is built in a hidden folder and swapped in whole, manifest last.
+  a split is built in a hidden folder and swapped in whole, manifest last
+  (`egmf.atomic`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from egmf.atomic import publish, start_partial, write_atomically
 from egmf.datasets import CLASSIFICATION, DatasetSpec
 from egmf.errors import DataError
 from egmf.shards.clean import BuildReport, clean_record
@@ -65,9 +67,7 @@ class SplitWriter:
     def __init__(self, out_dir: str, spec: DatasetSpec, split: str, limits: ShardLimits):
         self.spec, self.split, self.limits = spec, split, limits
         self.final_dir = os.path.join(out_dir, spec.name, split)
-        self.build_dir = os.path.join(out_dir, spec.name, f".{split}.building-{os.getpid()}")
-        shutil.rmtree(self.build_dir, ignore_errors=True)
-        os.makedirs(self.build_dir)
+        self.build_dir = start_partial(self.final_dir)
         self.shards: list[ShardInfo] = []
         self._tar = self._file = self._hasher = None
         self._count = 0
@@ -138,25 +138,13 @@ class SplitWriter:
             location=self.final_dir,
         )
         write_atomically(os.path.join(self.build_dir, "manifest.json"), manifest.to_json().encode("utf-8"))
-        old_dir = self.build_dir.replace(".building-", ".old-")
-        if os.path.exists(self.final_dir):
-            os.replace(self.final_dir, old_dir)
-        os.replace(self.build_dir, self.final_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        publish(self.build_dir, self.final_dir)
         return manifest
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
         shutil.rmtree(self.build_dir, ignore_errors=True)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    with open(path + ".partial", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".partial", path)
 
 
 def length_stats(lengths: dict[str, list[int]]) -> dict:

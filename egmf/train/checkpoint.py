@@ -12,8 +12,8 @@
         ds_config.json            the DeepSpeed config the engine ran with
         meta.json                 step, metrics, MLflow run id, world size (written last)
 
-A save goes to `.partial-step_N/`; rank 0 renames it to `step_N/` only when
-every rank has finished, then replaces `latest` atomically. A crash at any
+A save goes to `.partial-step_N/` (`egmf.atomic`); rank 0 renames it to
+`step_N/` only when every rank has finished, then replaces `latest` atomically. A crash at any
 point leaves `latest` naming the previous complete checkpoint. Assumes a file
 system shared by all nodes, as Slurm clusters have.
 """
@@ -26,15 +26,17 @@ import shutil
 
 import torch
 
+from egmf.atomic import partial_folder, publish, remove_partials, start_partial, write_atomically, write_json
 from egmf.distributed import WorldInfo, barrier
-from egmf.shards.writer import write_atomically
+from egmf.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"
 EXPORT = "export"
 META = "meta.json"
-PARTIAL_PREFIX = ".partial-"
+BEST = "best"
+BEST_RECORD = "best.json"
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -55,7 +57,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
         return None
     path = os.path.join(root, name)
     if not os.path.isfile(os.path.join(path, META)):
-        raise RuntimeError(
+        raise CheckpointError(
             f"{root}/{LATEST} names {name}, which is incomplete or missing; delete {LATEST} to start over"
         )
     return path
@@ -68,20 +70,30 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     if resume == "auto":
         return latest_checkpoint(output_dir)
     if not os.path.isfile(os.path.join(resume, META)):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"checkpoint.resume={resume} is not a complete checkpoint (no {META}); use a folder under "
             f"{checkpoints_dir(output_dir)}, 'auto' or 'never'"
         )
     return resume
 
 
+def saved_weights(folder: str) -> tuple[dict, str]:
+    """(saved config table, folder with the exported weights) of a checkpoint or of a run's best/ folder."""
+    if os.path.isfile(os.path.join(folder, BEST_RECORD)):
+        with open(os.path.join(folder, BEST_RECORD)) as f:
+            return json.load(f)["config"], folder
+    if os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(folder, EXPORT)):
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f), os.path.join(folder, EXPORT)
+    raise CheckpointError(
+        f"{folder} is neither a checkpoint (config.json + {EXPORT}/) nor a {BEST}/ folder ({BEST_RECORD}); "
+        f"pass a folder under OUTPUT_DIR/{CHECKPOINTS} or OUTPUT_DIR/{BEST}"
+    )
+
+
 def read_meta(checkpoint: str) -> dict:
     with open(os.path.join(checkpoint, META)) as f:
         return json.load(f)
-
-
-def write_json(path: str, value: object) -> None:
-    write_atomically(path, json.dumps(value, indent=1).encode())
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -105,10 +117,9 @@ def save_checkpoint(
     """Every rank calls this; returns the complete checkpoint's folder. The dicts are written by rank 0."""
     root = checkpoints_dir(output_dir)
     final = os.path.join(root, step_name(step))
-    partial = os.path.join(root, PARTIAL_PREFIX + step_name(step))
+    partial = partial_folder(final)
     if world.is_logging_rank:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save of this step
-        os.makedirs(partial)
+        start_partial(final)  # also clears what a crash during an earlier save of this step left
     barrier()
     engine.save_checkpoint(partial, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
     write_json(os.path.join(partial, f"loader_rank{world.rank}.json"), loader_state)
@@ -120,8 +131,7 @@ def save_checkpoint(
         write_json(os.path.join(partial, META), {"step": step, "world_size": world.world_size, **meta})
     barrier()  # every rank's files are in place
     if world.is_logging_rank:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        publish(partial, final)
         write_atomically(os.path.join(root, LATEST), f"{step_name(step)}\n".encode())
         prune(root, keep_last)
     barrier()
@@ -136,11 +146,7 @@ def prune(root: str, keep_last: int) -> None:
 
 
 def remove_partial_saves(output_dir: str) -> None:
-    root = checkpoints_dir(output_dir)
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.startswith(PARTIAL_PREFIX):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    remove_partials(checkpoints_dir(output_dir))
 
 
 def load_checkpoint(engine, world: WorldInfo, checkpoint: str) -> dict:

@@ -1,11 +1,24 @@
-"""The trainer's sections of the configuration: optim, train, eval, checkpoint, mlflow, deepspeed."""
+"""The whole configuration tree, and the trainer's own sections: optim, train, eval, checkpoint, deepspeed.
+
+    cfg = load_config("launch/recipes/mosei.toml", ["--llm.path=/models/Qwen2.5-7B-Instruct", "--data.batch_size=4"])
+    cfg = config_from_table(json.load(open("runs/demo/config.json")))     # a saved config, checked again
+
+Each component owns its section (data: `egmf.data.config`; fusion, prompt,
+llm, lora: `egmf.model.config`; mlflow: `egmf.tracking`); the root `Config`
+gathers them here, at the top, where the trainer and the entry points use the
+whole tree. Recipes, overrides and checks: `egmf.config`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from egmf.config import build_tree, range_problems, read_recipe, table_valued_fields
+from egmf.data.config import DataConfig
+from egmf.datasets import SPECS
 from egmf.metrics import metric_names
-from egmf.model.egmf_model import DECODING_MODES
+from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfig, PromptConfig
+from egmf.tracking import MLflowConfig
 
 SPLITS = ("valid", "test")
 
@@ -34,16 +47,13 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
 
     def problems(self) -> list[str]:
-        found = [f"optim.{k} must be > 0" for k in ("fusion_lr", "lora_lr", "eps") if not getattr(self, k) > 0]
-        found += [f"optim.{k} must be in [0, 1)" for k in ("beta1", "beta2") if not 0 <= getattr(self, k) < 1]
-        if not 0 <= self.min_lr_ratio <= 1:
-            found.append(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_accum < 1:
-            found.append(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
-        found += [
-            f"optim.{k} must be >= 0" for k in ("weight_decay", "warmup_steps", "clip_grad") if getattr(self, k) < 0
-        ]
-        return found
+        return (
+            range_problems("optim", self, ("fusion_lr", "lora_lr", "eps"), low=0, low_open=True)
+            + range_problems("optim", self, ("beta1", "beta2"), low=0, high=1, high_open=True)
+            + range_problems("optim", self, ["min_lr_ratio"], low=0, high=1)
+            + range_problems("optim", self, ["grad_accum"], low=1)
+            + range_problems("optim", self, ("weight_decay", "warmup_steps", "clip_grad"), low=0)
+        )
 
 
 @dataclass
@@ -71,12 +81,10 @@ class TrainConfig:
     It must exceed the longest time ranks can drift apart: a checkpoint save, an evaluation pass."""
 
     def problems(self) -> list[str]:
-        found = [f"train.{k} must be >= 0" for k in ("steps", "stop_at_step", "peak_tflops") if getattr(self, k) < 0]
-        found += [
-            f"train.{k} must be >= 1"
-            for k in ("epochs", "log_every", "max_nonfinite_in_a_row", "collective_timeout_s")
-            if getattr(self, k) < 1
-        ]
+        found = range_problems("train", self, ("steps", "stop_at_step", "peak_tflops"), low=0)
+        found += range_problems(
+            "train", self, ("epochs", "log_every", "max_nonfinite_in_a_row", "collective_timeout_s"), low=1
+        )
         if self.device not in ("auto", "cuda", "cpu"):
             found.append(f"train.device {self.device!r} is not one of auto, cuda, cpu")
         if not self.output_dir:
@@ -89,7 +97,7 @@ class EvalConfig:
     every: int = 0
     """Evaluate every this many optimizer steps (0: only at the end)."""
     final: bool = True
-    """Evaluate the final model on every split in `splits`."""
+    """Evaluate the final model on every split in `splits` at the end (false: only the periodic evaluations)."""
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
     """Splits to evaluate: valid and/or test."""
     modes: list[str] = field(default_factory=lambda: list(DECODING_MODES))
@@ -123,11 +131,8 @@ class EvalConfig:
                 found.append(f"eval.select key {key!r} must be 'DATASET/METRIC' with DATASET in data.eval")
             elif metric not in metric_names(dataset):
                 found.append(f"eval.select key {key!r}: {dataset} has the metrics {', '.join(metric_names(dataset))}")
-        for key in ("every", "batch_size", "patience"):
-            if getattr(self, key) < 0:
-                found.append(f"eval.{key} must be >= 0")
-        if self.max_new_tokens < 1:
-            found.append("eval.max_new_tokens must be >= 1")
+        found += range_problems("eval", self, ("every", "batch_size", "patience"), low=0)
+        found += range_problems("eval", self, ["max_new_tokens"], low=1)
         return found
 
 
@@ -141,31 +146,65 @@ class CheckpointConfig:
     """'auto': continue from the latest complete checkpoint in train.output_dir if any; 'never'; or a checkpoint dir."""
 
     def problems(self) -> list[str]:
-        found = []
-        if self.every < 0:
-            found.append("checkpoint.every must be >= 0")
-        if self.keep_last < 1:
-            found.append("checkpoint.keep_last must be >= 1")
+        found = range_problems("checkpoint", self, ["every"], low=0)
+        found += range_problems("checkpoint", self, ["keep_last"], low=1)
         if not self.resume:
             found.append("checkpoint.resume must be 'auto', 'never' or a checkpoint folder")
         return found
 
 
 @dataclass
-class MLflowConfig:
-    enabled: bool = True
-    """Track the run in MLflow (on the logging rank only)."""
-    tracking_uri: str = ""
-    """Tracking store; empty: $MLFLOW_TRACKING_URI when set, else sqlite:///OUTPUT_DIR/mlflow.db."""
-    experiment: str = "egmf"
-    """Experiment the run belongs to."""
-    run_name: str = ""
-    """Run name; empty: the output folder's name."""
-    system_metrics: bool = True
-    """Log CPU/GPU/memory metrics of the logging rank's node in the background."""
-
-
-@dataclass
 class DeepSpeedConfig:
     config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON config ("auto" values are filled from this config); `--deepspeed PATH` sets it."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards, mixing, batching, workers."""
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    """The fusion module's architecture."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt templates, label words, the text-only ablation."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """The causal LLM backbone."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters on the LLM."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, learning-rate schedule, accumulation, clipping."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Length of the run, output folder, logging, device."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic and final evaluation, best-checkpoint choice, early stopping."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    """Experiment tracking."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """The DeepSpeed engine's JSON config."""
+
+    def problems(self) -> list[str]:
+        known = [d for d in sorted(set(self.data.train) | set(self.data.eval)) if d in SPECS]
+        return (
+            self.data.problems()
+            + self.fusion.problems()
+            + self.prompt.problems(known)
+            + self.optim.problems()
+            + self.train.problems()
+            + self.eval.problems([d for d in self.data.eval if d in SPECS])
+            + self.checkpoint.problems()
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
+    """A checked Config from a TOML recipe (None: the defaults) plus `--section.key=value` overrides."""
+    return config_from_table(read_recipe(recipe, table_valued_fields(Config)) if recipe else {}, overrides)
+
+
+def config_from_table(table: dict, overrides: list[str] = ()) -> Config:
+    """A checked Config from a parsed recipe (or a saved config.json) plus overrides."""
+    return build_tree(Config, table, overrides)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 
-from egmf.config import Config, ConfigError
+from egmf.errors import ConfigError
+from egmf.train.config import Config
 
 logger = logging.getLogger("egmf.train")
 
@@ -62,7 +63,7 @@ def resolve_ds_config(path: str, cfg: Config, world_size: int, device_type: str)
             "the frozen base model that evaluation decodes with)"
         )
     if zero.get("overlap_comm"):
-        logger.warning("%s: overlap_comm is on; it has produced NaN gradient norms with LoRA (DESIGN.md §5)", path)
+        logger.warning("%s: overlap_comm is on; it has produced NaN gradient norms with LoRA (docs/method.md)", path)
     fit_precision(ds, path, device_type, problems)
     if problems:
         raise ConfigError("invalid DeepSpeed config:\n  " + "\n  ".join(problems))

@@ -2,6 +2,7 @@
 
     results, rows = evaluate(model, cfg, "valid", world)     # results[dataset][mode] -> metrics (rank 0)
     score = selection_score(results, cfg.eval, cfg.data.eval)
+    write_evaluation(folder, rows, flat_metrics(results, "valid"))    # SPLIT.jsonl per split, metrics.json last
 
 Each rank decodes its share of each split (EvalLoader), the prediction rows
 are gathered on rank 0, which scores them with `egmf.metrics.score`. Decoding
@@ -18,12 +19,14 @@ from dataclasses import asdict, dataclass, replace
 
 import torch.distributed as dist
 
-from egmf.config import Config
+from egmf.atomic import write_atomically, write_json
 from egmf.data.loader import EvalLoader
 from egmf.datasets import CLASSIFICATION, get_spec
 from egmf.distributed import WorldInfo
 from egmf.metrics import score
-from egmf.train.config import EvalConfig
+from egmf.train.config import Config, EvalConfig
+
+METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -123,14 +126,12 @@ def flat_metrics(results: dict, split: str, prefix: str = "eval") -> dict[str, f
     }
 
 
-def write_predictions(rows: list[PredictionRow], path: str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
-    return path
-
-
-def read_predictions(path: str) -> list[PredictionRow]:
-    with open(path) as f:
-        return [PredictionRow(**json.loads(line)) for line in f]
+def write_evaluation(folder: str, rows: list[PredictionRow], metrics: dict[str, float]) -> None:
+    """One evaluation's results: FOLDER/SPLIT.jsonl (a prediction row per sample and mode) for each split in
+    `rows`, then FOLDER/metrics.json. Each file is written atomically and metrics.json last, so a folder with a
+    metrics.json is complete. The same layout for training's predictions/TAG/ and for egmf-evaluate's output."""
+    os.makedirs(folder, exist_ok=True)
+    for split in dict.fromkeys(row.split for row in rows):
+        lines = [json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in rows if row.split == split]
+        write_atomically(os.path.join(folder, f"{split}.jsonl"), "".join(lines).encode("utf-8"))
+    write_json(os.path.join(folder, METRICS_FILE), metrics)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,26 +23,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from egmf.config import Config
+from egmf.atomic import building, write_json
 from egmf.data.loader import TrainLoader
-from egmf.distributed import WorldInfo, host_names, node_name
+from egmf.distributed import WorldInfo, host_names
+from egmf.errors import NonFiniteLossError
 from egmf.model.egmf_model import EGMFModel
 from egmf.tracking import flatten, open_tracker, write_run_record
 from egmf.train import checkpoint
+from egmf.train.config import Config
 from egmf.train.ds_config import offloads_optimizer, precision_name
-from egmf.train.evaluation import evaluate, flat_metrics, selection_score, write_predictions
+from egmf.train.evaluation import evaluate, flat_metrics, selection_score, write_evaluation
 from egmf.train.optim import build_optimizer, build_scheduler, param_groups
 from egmf.train.preflight import feature_dims
 from egmf.train.throughput import Window, llm_flops_per_token, peak_flops
 
 logger = logging.getLogger("egmf.train")
 
-BEST = "best"
 FINAL_METRICS = "final_metrics.json"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row: the run is diverging."""
+PREDICTIONS = "predictions"
 
 
 @dataclass
@@ -138,7 +135,7 @@ class Trainer:
             os.makedirs(self.output_dir, exist_ok=True)
             write_run_record(self.output_dir, tracker)
             for name, value in (("config.json", self.cfg.to_dict()), ("ds_config.json", self.ds_config)):
-                checkpoint.write_json(os.path.join(self.output_dir, name), value)
+                write_json(os.path.join(self.output_dir, name), value)
                 tracker.log_artifact(os.path.join(self.output_dir, name), "config")
             logger.info("MLflow run %s in %s", tracker.run_id, tracker.uri)
 
@@ -279,9 +276,7 @@ class Trainer:
             all_rows += rows
         if self.world.is_logging_rank:
             self.tracker.log_metrics(all_metrics, self.state.step)
-            for split in self.cfg.eval.splits:
-                rows = [r for r in all_rows if r.split == split]
-                write_predictions(rows, os.path.join(self.output_dir, "predictions", tag, f"{split}.jsonl"))
+            write_evaluation(os.path.join(self.output_dir, PREDICTIONS, tag), all_rows, all_metrics)
             self.state.metrics = all_metrics
             logger.info("evaluation at step %d: %s", self.state.step, headline(by_split, self.cfg.eval.select_mode))
         return by_split, all_rows
@@ -311,26 +306,27 @@ class Trainer:
             self.state.evals_without_improvement += 1
             return
         self.state.best_score, self.state.best_step, self.state.evals_without_improvement = score, self.state.step, 0
-        best, partial = os.path.join(self.output_dir, BEST), os.path.join(self.output_dir, ".partial-" + BEST)
-        shutil.rmtree(partial, ignore_errors=True)
-        self.engine.module.export(partial)
-        checkpoint.write_json(
-            os.path.join(partial, "best.json"),
-            {"step": self.state.step, "score": score, "config": self.cfg.to_dict(), "metrics": self.state.metrics},
-        )
-        shutil.rmtree(best, ignore_errors=True)
-        os.replace(partial, best)
+        with building(os.path.join(self.output_dir, checkpoint.BEST)) as partial:
+            self.engine.module.export(partial)
+            write_json(
+                os.path.join(partial, checkpoint.BEST_RECORD),
+                {"step": self.state.step, "score": score, "config": self.cfg.to_dict(), "metrics": self.state.metrics},
+            )
 
     def final_evaluation(self) -> None:
-        by_split, rows = self.run_evaluation("final")
+        """Evaluate the final weights (unless eval.final is false), then record the run as complete."""
+        rows = []
+        if self.cfg.eval.final:
+            by_split, rows = self.run_evaluation("final")
+            if self.world.is_logging_rank:
+                self.maybe_keep_best(by_split)
         if not self.world.is_logging_rank:
             return
-        self.maybe_keep_best(by_split)
         self.tracker.log_metrics(
             {"best/step": self.state.best_step, "best/selection_score": self.state.best_score}, self.state.step
         )
         self.log_final_artifacts(rows)
-        checkpoint.write_json(
+        write_json(
             os.path.join(self.output_dir, FINAL_METRICS),
             {"step": self.state.step, "best_step": self.state.best_step, "metrics": self.state.metrics},
         )
@@ -343,9 +339,10 @@ class Trainer:
         for artifact_file, figure in evaluation_figures(rows, self.cfg.eval.select_mode):
             self.tracker.log_figure(figure, artifact_file)
             plt.close(figure)
-        self.tracker.log_artifact(os.path.join(self.output_dir, "predictions", "final"), "predictions")
-        if os.path.isdir(os.path.join(self.output_dir, BEST)):
-            self.tracker.log_artifact(os.path.join(self.output_dir, BEST), "best_model")
+        if rows:
+            self.tracker.log_artifact(os.path.join(self.output_dir, PREDICTIONS, "final"), "predictions")
+        if os.path.isdir(os.path.join(self.output_dir, checkpoint.BEST)):
+            self.tracker.log_artifact(os.path.join(self.output_dir, checkpoint.BEST), "best_model")
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -380,20 +377,3 @@ def headline(by_split: dict, mode: str) -> str:
             if name in metrics:
                 parts.append(f"{split}/{dataset} {name} {metrics[name]:.3f}")
     return ", ".join(parts)
-
-
-def write_failure(output_dir: str, world: WorldInfo, text: str) -> None:
-    """Leave a marker so rank 0, killed by the launcher after this rank failed, ends the run FAILED, not KILLED."""
-    folder = os.path.join(output_dir, "failures")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"rank{world.rank}.txt"), "w") as f:
-        f.write(f"{node_name()}\n{text}")
-
-
-def failed_ranks(output_dir: str) -> list[str]:
-    folder = os.path.join(output_dir, "failures")
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-
-
-def clear_failures(output_dir: str) -> None:
-    shutil.rmtree(os.path.join(output_dir, "failures"), ignore_errors=True)

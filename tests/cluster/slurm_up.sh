@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Bring up a real 2-node Slurm cluster on this machine (two slurmd on localhost), for the tests and
-# for trying slurm/train_egmf.sh without a cluster. Debian's slurm-wlm and munge are installed if missing.
+# for trying slurm/train_egmf.sh without a cluster. Needs Debian's slurm-wlm and munge installed
+# (apt-get install slurmctld slurmd slurm-client munge; .ci/run does it).
 #
 #   source <(tests/cluster/slurm_up.sh)    # prints `export SLURM_CONF=...`; sbatch/srun/squeue then use it
 #   tests/cluster/slurm_down.sh
 #
 # State, logs and slurm.conf live in $EGMF_SLURM_DIR (default /tmp/egmf-slurm). Needs root (the
-# daemons run as root: SlurmUser=root), as on CI. Settings follow ../shared/LOCAL_SERVICES.md: no
-# systemd or cgroups, so process tracking is linuxproc and tasks are not bound to cores.
+# daemons run as root: SlurmUser=root), as on CI. No systemd or cgroups are assumed, so process
+# tracking is linuxproc and tasks are not bound to cores.
 set -euo pipefail
 
 dir=${EGMF_SLURM_DIR:-/tmp/egmf-slurm}
@@ -16,13 +17,12 @@ conf=$dir/slurm.conf
 
 log() { echo "slurm_up: $*" >&2; }
 
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
-    || ! command -v sbatch >/dev/null; then
-    log "installing slurmctld slurmd slurm-client munge (Debian packages)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq slurmctld slurmd slurm-client munge >&2
-fi
+for command in slurmctld slurmd munged sbatch; do
+    if ! command -v "$command" >/dev/null; then
+        log "$command is not installed: apt-get install slurmctld slurmd slurm-client munge"
+        exit 1
+    fi
+done
 
 mkdir -p "$dir"/{state,spool,log}
 # Two nodes on one host: the same address, one slurmd port each; %n keeps their files apart.

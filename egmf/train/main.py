@@ -1,0 +1,187 @@
+"""`egmf-train`: train EGMF on a DeepSpeed ZeRO-2 engine, evaluate it, track it in MLflow.
+
+    egmf-train --config launch/recipes/mosei.toml --llm.path=/models/Qwen2.5-7B-Instruct   # one process
+    deepspeed launch/train.py --deepspeed ds_configs/zero2.json --config launch/recipes/mosei.toml ...
+    deepspeed --num_gpus 2 launch/train.py       # the embedded default on 2 CPU ranks (make train)
+    torchrun --nproc_per_node 8 launch/train.py --config ...
+    sbatch slurm/train_egmf.sh --config ...      # srun: one rank per GPU (docs/cluster.md)
+    egmf-train --help                            # every config section and key, with its default
+
+With no --config it runs the embedded default (launch/recipes/demo.toml): the
+demo shards and a tiny local LLM, built when missing. Any `--section.key=value`
+overrides the recipe. The whole config, the DeepSpeed config, the model
+directory, the shards and the checkpoint to resume are checked before any
+process group starts; problems are printed together and the exit code is 2.
+
+Exit codes: 0 finished (or stopped at train.stop_at_step), 1 failed, 2 a
+configuration or input problem found before training; 143 after SIGTERM and
+138 after SIGUSR1 (Slurm's warning before the time limit): a checkpoint is
+saved at the next step boundary and the MLflow run ends KILLED until a rerun
+resumes it. slurm/train_egmf.sh requeues on 138.
+
+    egmf-train [same arguments] --close-run=FAILED
+
+ends the job's MLflow run with that status if it is still RUNNING: the job
+script does this when a rank was killed outright and could not end it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from egmf.config import describe_tree
+from egmf.errors import ConfigError
+from egmf.train.config import Config, load_config
+from egmf.train.run_markers import clear_failures, failed_ranks, failure_notes, write_failure
+from egmf.train.stop_signal import StopSignal
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_RECIPE = os.path.join(REPO, "launch", "recipes", "demo.toml")
+
+logger = logging.getLogger("egmf.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egmf-train",
+        description=__doc__.split("\n")[0].split(": ", 1)[1],
+        epilog="Config keys (set any as --section.key=value; values are TOML: 4, 2e-4, true, ['a'], {a = 1.0}):\n\n"
+        + describe_tree(Config),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help=f"TOML recipe (default: the embedded demo, {DEFAULT_RECIPE})")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON config (default: deepspeed.config of the recipe)")
+    parser.add_argument("--resume", help="'auto' (default: the latest complete checkpoint), 'never' or a folder")
+    parser.add_argument("--close-run", choices=("FAILED", "KILLED"), help="end the job's MLflow run if still RUNNING")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from deepspeed; env wins
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, overrides: list[str]) -> Config:
+    """The checked config of a run: the recipe, then --deepspeed/--resume, then the overrides."""
+    overrides = list(overrides)
+    if args.deepspeed:
+        overrides.append(f"--deepspeed.config={args.deepspeed}")
+    if args.resume:
+        overrides.append(f"--checkpoint.resume={args.resume}")
+    recipe = args.config or DEFAULT_RECIPE
+    if not args.config and not os.path.isfile(recipe):
+        raise ConfigError(f"no --config given and the embedded demo recipe is not at {recipe}; pass --config RECIPE")
+    return load_config(recipe, overrides)
+
+
+def configure(args: argparse.Namespace, overrides: list[str]):
+    """(config, resolved DeepSpeed config, world, device): everything decided before a process group exists."""
+    from egmf.distributed import check_rendezvous, pick_device, world_info_from_env
+    from egmf.train.ds_config import resolve_ds_config
+    from egmf.train.preflight import preflight
+
+    cfg = resolve_config(args, overrides)
+    world = world_info_from_env()
+    check_rendezvous(world)
+    device = pick_device(world, cfg.train.device)
+    ds_config = resolve_ds_config(cfg.deepspeed.config, cfg, world.world_size, device.type)
+    preflight(cfg)
+    return cfg, ds_config, world, device
+
+
+def setup_logging(is_logging_rank: bool) -> None:
+    level = logging.INFO if is_logging_rank else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("egmf").setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "httpx", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    stop = StopSignal().install()
+    try:
+        args, overrides = build_parser().parse_known_args(argv)
+        try:
+            if args.close_run:
+                return close_run(resolve_config(args, overrides).train.output_dir, args.close_run)
+            cfg, ds_config, world, device = configure(args, overrides)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        setup_logging(world.is_logging_rank)
+        if world.is_logging_rank:
+            logger.info("resolved config:\n%s", format_config(cfg))
+        return run(cfg, ds_config, world, device, stop)
+    finally:
+        stop.uninstall()
+
+
+def close_run(output_dir: str, status: str) -> int:
+    from egmf.tracking import close_unfinished_run
+
+    print(close_unfinished_run(output_dir, status, failure_notes(output_dir)))
+    return 0
+
+
+def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
+    from egmf.data.transport import kill_leftover_workers
+    from egmf.demo_assets import build_demo_assets
+    from egmf.distributed import barrier, close_distributed, init_distributed
+    from egmf.train import checkpoint
+    from egmf.train.preflight import needs_demo_assets, splits_read
+    from egmf.train.trainer import Trainer
+
+    trainer = None
+    try:
+        init_distributed(world, device, cfg.train.collective_timeout_s)
+        if world.is_logging_rank:
+            clear_failures(cfg.train.output_dir)
+            if needs_demo_assets(cfg):
+                logger.info("building the demo shards (%s) and tiny model (%s)", cfg.data.root, cfg.llm.path)
+                build_demo_assets(cfg.data.root, splits_read(cfg), cfg.llm.path)
+        barrier()
+        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
+        trainer = Trainer(cfg, ds_config, world, device, stop_requested=lambda: stop.received)
+        trainer.setup(resume_from)
+        outcome = trainer.train()
+        trainer.end("KILLED" if outcome == "terminated" else "FINISHED")
+        if world.is_logging_rank:
+            print_browse_hint(trainer, outcome)
+        barrier()  # leave together: a job script may cut short ranks that outlive the first one to exit
+        return stop.exit_code if outcome == "terminated" else 0
+    except BaseException as exc:
+        # After a SIGTERM, an error (a collective broken by a peer that stopped) is part of the stop.
+        stopped = stop.received or isinstance(exc, KeyboardInterrupt)
+        if not stopped:
+            write_failure(cfg.train.output_dir, world, traceback.format_exc())
+        # The launcher stops every rank when one fails: then the run failed, it was not killed.
+        status = "FAILED" if failed_ranks(cfg.train.output_dir) or not stopped else "KILLED"
+        if trainer is not None and hasattr(trainer, "tracker"):
+            trainer.end(status)
+        if stopped:
+            logger.warning("stopped (%s); the MLflow run ends %s", type(exc).__name__, status)
+            return stop.exit_code
+        raise
+    finally:
+        close_distributed()
+        kill_leftover_workers()
+
+
+def format_config(cfg: Config) -> str:
+    lines = []
+    for section, fields in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"  {key} = {value!r}" for key, value in fields.items()]
+    return "\n".join(lines)
+
+
+def print_browse_hint(trainer, outcome: str) -> None:
+    uri = trainer.tracker.uri
+    if not uri:
+        return
+    print(f"\n{outcome}: {trainer.cfg.train.output_dir} (step {trainer.state.step})")
+    if uri.startswith(("http://", "https://")):
+        print(f"\nbrowse the run: {uri}/#/experiments/{trainer.tracker.experiment_id}/runs/{trainer.tracker.run_id}")
+    else:
+        print(f"\nbrowse the run: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")

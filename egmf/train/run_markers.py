@@ -1,0 +1,46 @@
+"""Failure markers: how a run's status survives the process that failed.
+
+    OUTPUT_DIR/failures/rank{R}.txt    node name, then the traceback of the rank that raised
+
+When one rank fails, the launcher stops the others with SIGTERM. Rank 0 then
+sees a stop, not an error, and would end the MLflow run KILLED; the marker
+tells it the run FAILED. When rank 0 itself was killed outright, the job
+script ends the run with `--close-run=FAILED` and the markers' last lines
+become the run's `failure` tag. Markers are cleared when a run starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from egmf.distributed import WorldInfo, node_name
+
+FAILURES = "failures"
+
+
+def write_failure(output_dir: str, world: WorldInfo, text: str) -> None:
+    """Leave a marker so rank 0, stopped by the launcher after this rank failed, ends the run FAILED, not KILLED."""
+    folder = os.path.join(output_dir, FAILURES)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{world.rank}.txt"), "w") as f:
+        f.write(f"{node_name()}\n{text}")
+
+
+def failed_ranks(output_dir: str) -> list[str]:
+    folder = os.path.join(output_dir, FAILURES)
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def clear_failures(output_dir: str) -> None:
+    shutil.rmtree(os.path.join(output_dir, FAILURES), ignore_errors=True)
+
+
+def failure_notes(output_dir: str) -> str:
+    """The last line of each rank's marker (the exception, usually), one line per rank."""
+    notes = []
+    for name in failed_ranks(output_dir):
+        with open(os.path.join(output_dir, FAILURES, name)) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        notes.append(f"{name}: {lines[-1] if lines else ''}")
+    return "\n".join(notes)

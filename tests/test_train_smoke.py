@@ -1,0 +1,44 @@
+"""The entry point's `main([...])` in this process: two steps on the demo, one plain process (a real DeepSpeed
+engine, loader, evaluation, checkpoint and MLflow store). It is in the fast tier so that broken wiring between
+the parts fails in seconds; the multi-rank and fault runs are in the slow tier."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch.distributed as dist
+from run_helpers import SMALL_EVAL, only_run
+
+from egmf.train.main import main
+
+
+def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm, tmp_path):
+    out = str(tmp_path / "out")
+    code = main(
+        [
+            f"--data.root={train_shards}",
+            f"--llm.path={tiny_llm}",
+            f"--train.output_dir={out}",
+            "--train.steps=2",
+            "--train.log_every=1",
+            "--data.batch_size=4",
+            "--data.num_workers=0",
+            "--eval.batch_size=24",
+            "--mlflow.system_metrics=false",
+            *SMALL_EVAL,
+        ]
+    )
+    assert code == 0
+    assert not dist.is_initialized()  # main() leaves no process group behind
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_00000002"
+    final = json.load(open(os.path.join(out, "final_metrics.json")))
+    assert final["step"] == 2 and final["best_step"] == 2
+    assert final["metrics"]["eval/test/demo_cls_en/constrained/samples"] == 24
+    evaluation = os.path.join(out, "predictions", "final")
+    assert sorted(os.listdir(evaluation)) == ["metrics.json", "test.jsonl"]
+    assert len(open(os.path.join(evaluation, "test.jsonl")).readlines()) == 24
+    assert os.path.isfile(os.path.join(out, "best", "best.json"))
+    client, run = only_run(out)
+    assert run.info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")} == {1, 2}
