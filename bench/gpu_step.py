@@ -97,11 +97,11 @@ def mosei_batch(rng: np.random.Generator, batch_size: int, max_audio: int, max_v
 def build_model(shape: dict, tokenizer_dir: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from egmf.model.config import FusionConfig, LoraConfig
+    from egmf.model.config import FusionConfig, LoraConfig, PromptConfig
     from egmf.model.egmf_model import EGMFModel
     from egmf.model.fusion import FusionModule
     from egmf.model.llm import add_lora
-    from egmf.model.prompt import PromptBuilder, PromptConfig
+    from egmf.model.prompt import PromptBuilder
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen2Config(**shape["llm"], attn_implementation="sdpa")

@@ -24,9 +24,8 @@ from results import add_json_argument, write_results
 from egmf.data.config import DataConfig
 from egmf.data.loader import EvalLoader, TrainLoader
 from egmf.metrics import score
-from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
-from egmf.model.egmf_model import DECODING_MODES, EGMFModel
-from egmf.model.prompt import PromptConfig
+from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfig, PromptConfig
+from egmf.model.egmf_model import EGMFModel
 from egmf.model.tiny import build_tiny_llm
 from egmf.shards.demo import DIMS, build_demo
 from egmf.shards.manifest import MANIFEST_NAME

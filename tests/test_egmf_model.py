@@ -12,11 +12,11 @@ import torch
 
 from egmf.data.config import DataConfig
 from egmf.data.loader import EvalLoader
-from egmf.model.config import FusionConfig, LLMConfig, LoraConfig
+from egmf.model.config import FusionConfig, LLMConfig, LoraConfig, PromptConfig
 from egmf.model.decoding import greedy, score_candidates
 from egmf.model.egmf_model import EGMFModel
 from egmf.model.llm import ModelPathError, load_tokenizer
-from egmf.model.prompt import IGNORE, PromptConfig, pack_consecutive
+from egmf.model.prompt import IGNORE, pack_consecutive
 
 DIMS = {"demo_cls_en": (16, 12), "demo_cls_zh": (12, 20), "demo_reg_en": (16, 12), "demo_reg_zh": (12, 20)}
 K = 4
