@@ -16,6 +16,7 @@ from run_helpers import REPO, SMALL_EVAL, STEPS, all_artifacts, losses, only_run
 
 from egmf.distributed import free_port
 from egmf.shards.manifest import load_manifest
+from egmf.tracking import RUN_RECORD
 
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 DATASETS = ("demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh")
@@ -219,12 +220,11 @@ def wait_for_group_exit(launcher: subprocess.Popen, seconds: float) -> bool:
 
 
 def mlflow_has_losses(out: str) -> bool:
-    if not os.path.exists(os.path.join(out, "mlflow.db")):
+    # Only once the trainer has recorded its run (mlflow_run.json) is the store created: a client opened while the
+    # trainer still creates it would run the store's schema migration a second time, under the trainer's feet.
+    if not os.path.exists(os.path.join(out, RUN_RECORD)):
         return False
-    try:
-        return bool(losses(out))
-    except Exception:  # the store is still being created
-        return False
+    return bool(losses(out))
 
 
 def test_one_process_reaches_the_metrics_of_two_ranks(two_rank_run, train_shards, tiny_llm, tmp_path):
