@@ -59,7 +59,8 @@ def train(model: EGMFModel, shards: str, steps: int, lr: float, seed: int) -> fl
     )
     model.train()
     losses = []
-    for batch in TrainLoader(cfg):
+    for step, batch in enumerate(TrainLoader(cfg)):
+        model.set_training_progress(step / steps)
         optimizer.zero_grad()
         loss = model(batch).loss
         loss.backward()

@@ -74,7 +74,11 @@ def test_pseudo_tokens_are_injected_at_their_positions(tiny_llm, demo_root):
 def test_loss_counts_only_answer_tokens(tiny_llm, demo_root):
     model = build_model(tiny_llm).eval()
     batch = first_batch(demo_root, "demo_cls_en", batch_size=1)
-    loss = model(batch).loss
+    out = model(batch)
+    loss = out.task_loss
+    cfg = model.fusion.cfg  # what training minimises adds the gate's auxiliary losses, weighted
+    expected = loss + cfg.balance_coef * out.aux_losses["balance"] + cfg.z_loss_coef * out.aux_losses["z"]
+    torch.testing.assert_close(out.loss, expected)
     prompt, embeds, _ = model.prompt_embeddings(batch, with_answers=True)
     logits = model.llm(
         inputs_embeds=embeds, attention_mask=prompt.attention_mask, position_ids=prompt.position_ids

@@ -73,8 +73,24 @@ def test_a_sample_gives_the_same_output_alone_or_batched():
     torch.testing.assert_close(together.pseudo_tokens[0], alone.pseudo_tokens[0], rtol=0, atol=1e-5)
 
 
+def trained_gates(model: FusionModule) -> FusionModule:
+    """The gates' last layers start at zero (uniform gates); give them the weights training would."""
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "gate" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+def test_gates_start_uniform():
+    out = build()(**inputs())
+    torch.testing.assert_close(out.expert_weights, torch.full((2, 3), 1 / 3))
+    for gates in out.inner_gates.values():
+        torch.testing.assert_close(gates, torch.full((2, 3), 0.5))
+
+
 def test_gates_respond_to_the_input():
-    model = build()
+    model = trained_gates(build())
     a, b = model(**inputs(seed=0)), model(**inputs(seed=1))
     assert not torch.allclose(a.expert_weights, b.expert_weights)
     assert not torch.allclose(a.inner_gates["local"], b.inner_gates["local"])

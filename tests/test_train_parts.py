@@ -288,3 +288,33 @@ def test_ranges_are_reported_in_one_format():
         "optim.grad_accum must be >= 1, got 0",
     ]
     assert range_problems("eval", OptimConfig(), ["clip_grad"], high=0.5) == ["eval.clip_grad must be <= 0.5, got 1.0"]
+
+
+def test_a_collapsed_gate_is_warned_about_once_and_tagged(caplog):
+    """One expert above 0.95 for three logging windows in a row: a warning that says what it means and what to
+    change, and a run tag; a window below the line starts the count again."""
+    import logging
+
+    from egmf.tracking import NullTracker
+    from egmf.train.trainer import Trainer
+
+    class Tags(NullTracker):
+        def __init__(self):
+            self.tags = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    trainer = Trainer(load_config(), {}, WorldInfo(0, 0, 1), torch.device("cpu"))
+    trainer.tracker, trainer.expert_names = Tags(), ["local", "semantic", "global"]
+    collapsed = {"gate/local": 0.97, "gate/semantic": 0.02, "gate/global": 0.01}
+    balanced = {"gate/local": 0.5, "gate/semantic": 0.3, "gate/global": 0.2}
+    with caplog.at_level(logging.WARNING, logger="egmf.train"):
+        for metrics in (collapsed, collapsed, balanced, collapsed, collapsed):
+            trainer.watch_gate_collapse(metrics)
+        assert not trainer.tracker.tags and "collapsed" not in caplog.text
+        for _ in range(3):
+            trainer.watch_gate_collapse(collapsed)  # the third window in a row, then a fourth: one warning
+    assert caplog.text.count("has collapsed to one expert") == 1
+    assert "fusion.balance_coef" in caplog.text and "local expert 0.97" in caplog.text
+    assert trainer.tracker.tags["gate_collapse"].startswith("local 0.970")

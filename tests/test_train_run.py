@@ -123,7 +123,9 @@ def test_predictions_cover_each_sample_once(two_rank_run, train_shards):
         for mode in ("constrained", "generate"):
             ids = [r["id"] for r in rows if r["dataset"] == dataset and r["mode"] == mode]
             assert len(ids) == len(set(ids)) == expected
-    assert set(rows[0]) == {"id", "dataset", "split", "mode", "target", "prediction", "answer"}
+    assert set(rows[0]) == {"id", "dataset", "split", "mode", "target", "prediction", "answer", "gate"}
+    assert all(set(r["gate"]) == {"local", "semantic", "global"} for r in rows)
+    assert all(abs(sum(r["gate"].values()) - 1) < 1e-5 for r in rows)
 
 
 def test_resume_is_exact(two_rank_run, train_shards, tiny_llm, tmp_path):

@@ -42,3 +42,14 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     client, run = only_run(out)
     assert run.info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")} == {1, 2}
+    metrics = run.data.metrics  # the gate telemetry of every window and evaluation
+    experts = ("local", "semantic", "global")
+    trained = {m.split("/")[1] for m in metrics if m.startswith("gate/demo_")}  # the datasets of the last window
+    assert abs(sum(metrics[f"gate/{e}"] for e in experts) - 1) < 1e-5 and trained
+    assert all(abs(sum(metrics[f"gate/{d}/{e}"] for e in experts) - 1) < 1e-5 for d in trained)
+    assert 0 < metrics["gate/entropy_mean"] <= metrics["gate/entropy_batch"] + 1e-6 <= 1.0987
+    assert abs(sum(metrics[f"gate/argmax_share/{e}"] for e in experts) - 1) < 1e-5
+    assert all(0 < metrics[f"gate_l1/{e}/{m}"] < 1 for e in experts for m in ("text", "audio", "vision"))
+    assert metrics["train/aux/balance"] >= 1.0 and metrics["train/aux/z"] >= 0
+    assert abs(sum(metrics[f"gate_eval/test/demo_cls_en/{e}"] for e in experts) - 1) < 1e-5
+    assert "plots/gates_test.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -40,6 +40,19 @@ class FusionConfig:
     """Experts switched on (ablation: drop any of local, semantic, global)."""
     gating: str = "dynamic"
     """'dynamic': context-dependent softmax over experts; 'uniform': equal weights (ablation)."""
+    inner_gating: bool = True
+    """Level-1 gates inside the experts; false: each expert's update is added ungated (ablation)."""
+    balance_coef: float = 0.01
+    """Weight of the level-2 balance loss N·Σ P_i² over the batch-mean gate P (egmf/model/gates.py); 0: off."""
+    z_loss_coef: float = 1e-3
+    """Weight of the level-2 router z-loss mean(logsumexp(logits)²) (egmf/model/gates.py; ST-MoE); 0: off."""
+    gate_noise: float = 1.0
+    """Std of the Gaussian noise on both gate levels' logits at the start of training; 0: no noise."""
+    gate_noise_ratio: float = 0.5
+    """Fraction of training over which the gate noise falls linearly to 0."""
+    gate_warmup_ratio: float = 0.05
+    """Fraction of training over which the gates are mixed with the uniform gate, (1-λ)·uniform + λ·g, λ 0 -> 1;
+    0: no warm-up."""
     attention: str = "auto"
     """'auto' (flash-attn on CUDA when installed, else SDPA), 'flash' or 'sdpa'."""
 
@@ -60,6 +73,8 @@ class FusionConfig:
         if self.attention not in BACKENDS:
             found.append(f"fusion.attention {self.attention!r} is not one of {', '.join(BACKENDS)}")
         found += range_problems("fusion", self, ["dropout"], low=0, high=1, high_open=True)
+        found += range_problems("fusion", self, ("balance_coef", "z_loss_coef", "gate_noise"), low=0)
+        found += range_problems("fusion", self, ("gate_noise_ratio", "gate_warmup_ratio"), low=0, high=1)
         return found
 
 

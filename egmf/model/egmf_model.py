@@ -1,8 +1,9 @@
 """EGMF: the fusion module's pseudo tokens in a prompt for a LoRA-adapted causal LLM.
 
     model = EGMFModel.build(fusion_cfg, prompt_cfg, llm_cfg, lora_cfg, feature_dims, device)
-    out = model(batch)                      # loss on the answer tokens, gate values for logging
-    preds = model.predict(batch, "constrained")   # labels (never unparseable) and the raw answers
+    model.set_training_progress(step / total_steps)   # the gates' noise and warm-up (egmf.model.gates)
+    out = model(batch)                      # out.loss: answer tokens + the gates' auxiliary losses
+    preds = model.predict(batch, "constrained")   # labels (never unparseable), raw answers, gate weights
 
 Trainable: the whole fusion module and the LoRA adapters; the LLM's own weights are frozen.
 """
@@ -34,6 +35,11 @@ FUSION_META = "fusion.json"
 @dataclass
 class EGMFOutput:
     loss: torch.Tensor
+    """What training minimises: task_loss + fusion.balance_coef · balance + fusion.z_loss_coef · z."""
+    task_loss: torch.Tensor
+    """Cross-entropy on the answer tokens."""
+    aux_losses: dict[str, torch.Tensor]
+    """The level-2 gate's auxiliary losses, unweighted ({} in the text-only ablation)."""
     expert_weights: torch.Tensor | None
     """[B, E] level-2 gate values (None in the text-only ablation)."""
     inner_gates: dict[str, torch.Tensor]
@@ -48,6 +54,8 @@ class Predictions:
     answers: list[str]
     """The raw answer text (for the predictions file)."""
     num_unparseable: int
+    expert_weights: list[list[float]] | None = None
+    """Per sample, the level-2 gate weights (in fusion.experts order); None in the text-only ablation."""
 
 
 class EGMFModel(nn.Module):
@@ -122,25 +130,34 @@ class EGMFModel(nn.Module):
         )
         num_tokens = int(prompt.attention_mask.sum())
         if fused is None:
-            return EGMFOutput(out.loss, None, {}, num_tokens)
-        return EGMFOutput(out.loss, fused.expert_weights, fused.inner_gates, num_tokens)
+            return EGMFOutput(out.loss, out.loss, {}, None, {}, num_tokens)
+        cfg = self.fusion.cfg
+        aux = fused.aux_losses
+        loss = out.loss + cfg.balance_coef * aux["balance"] + cfg.z_loss_coef * aux["z"]
+        return EGMFOutput(loss, out.loss, aux, fused.expert_weights, fused.inner_gates, num_tokens)
+
+    def set_training_progress(self, progress: float) -> None:
+        """The fraction of training done (0 at the first step): the gates' noise and warm-up follow it."""
+        if self.fusion is not None:
+            self.fusion.set_training_progress(progress)
 
     @torch.no_grad()
     def predict(self, batch: Batch, mode: str, max_new_tokens: int = 8) -> Predictions:
         if mode not in DECODING_MODES:
             raise ValueError(f"decoding mode {mode!r} is not one of {', '.join(DECODING_MODES)}")
         verbaliser = self.prompts.verbaliser(batch.dataset)
-        prompt, embeds, _ = self.prompt_embeddings(batch, with_answers=False)
+        prompt, embeds, fused = self.prompt_embeddings(batch, with_answers=False)
+        gates = None if fused is None else fused.expert_weights.float().cpu().tolist()
         args = (self.llm, self.embed, embeds, prompt.attention_mask, prompt.position_ids)
         if mode == "constrained":
             scores = score_candidates(*args, self.prompts.candidate_tokens(batch.dataset), self.tokenizer.pad_token_id)
             best = (scores.argmax(-1) if batch.task == CLASSIFICATION else weighted_median(scores)).tolist()
             labels = [verbaliser.candidate_label(i) for i in best]
-            return Predictions(labels, [verbaliser.candidates()[i] for i in best], 0)
+            return Predictions(labels, [verbaliser.candidates()[i] for i in best], 0, gates)
         generated = greedy(*args, self.tokenizer.eos_token_id, max_new_tokens)
         answers = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
         labels = [verbaliser.parse(a) for a in answers]
-        return Predictions(labels, answers, sum(label is None for label in labels))
+        return Predictions(labels, answers, sum(label is None for label in labels), gates)
 
     def export(self, out_dir: str) -> None:
         """Write the trained parts in standard formats: a peft adapter folder and safetensors fusion weights.

@@ -2,9 +2,10 @@
 
 Inputs are lists over modalities (text, audio, vision) of x [B, L_m, d] and
 mask [B, L_m], plus a context vector [B, d]. Every expert ends in a level-1
-gate: a sigmoid per position and channel, conditioned on the position and on the
-context, that decides how much of the expert's update enters the residual
-stream. Padded positions are zero on the way in and on the way out.
+gate (`egmf.model.gates.ContextGate`): a sigmoid per position and channel,
+conditioned on the position and on the context, that decides how much of the
+expert's update enters the residual stream. Padded positions are zero on the
+way in and on the way out.
 """
 
 from __future__ import annotations
@@ -13,25 +14,13 @@ import torch
 from torch import nn
 
 from egmf.model.attention import masked_attention
+from egmf.model.gates import ContextGate, GateSchedule
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real positions: x [B, L, d], mask [B, L] -> [B, d]."""
     weights = mask.to(x.dtype)[..., None]
     return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
-class ContextGate(nn.Module):
-    """Level-1 gate: x + sigmoid(W [x; context]) * update, per position and channel."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.proj = nn.Linear(2 * width, width)
-
-    def forward(self, x, update, context, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gated output [B, L, d], gate [B, L, d])."""
-        gate = torch.sigmoid(self.proj(torch.cat([x, context[:, None, :].expand_as(x)], -1)))
-        return (x + gate * update) * mask[..., None], gate
 
 
 def gate_summary(gate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,13 +57,12 @@ class MultiHeadAttention(nn.Module):
 class LocalExpert(nn.Module):
     """Fine-grained local cues: depthwise temporal convolution + MLP inside each modality."""
 
-    def __init__(self, width: int, kernel: int, dropout: float, num_modalities: int = 3):
+    def __init__(self, width: int, kernel: int, dropout: float, schedule: GateSchedule | None = None, gated=True):
         super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width) for _ in range(num_modalities)
-        )
-        self.mlps = nn.ModuleList(FeedForward(width, dropout) for _ in range(num_modalities))
-        self.gates = nn.ModuleList(ContextGate(width) for _ in range(num_modalities))
+        schedule = schedule or GateSchedule()
+        self.convs = nn.ModuleList(nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width) for _ in range(3))
+        self.mlps = nn.ModuleList(FeedForward(width, dropout) for _ in range(3))
+        self.gates = nn.ModuleList(ContextGate(width, schedule, gated) for _ in range(3))
 
     def forward(self, xs, masks, context):
         outs, gate_means = [], []
@@ -89,12 +77,13 @@ class LocalExpert(nn.Module):
 class SemanticExpert(nn.Module):
     """Cross-modal correlation: each modality attends to the other two, then an MLP."""
 
-    def __init__(self, width: int, heads: int, dropout: float, backend: str, num_modalities: int = 3):
+    def __init__(self, width, heads, dropout, backend: str, schedule: GateSchedule | None = None, gated: bool = True):
         super().__init__()
+        schedule = schedule or GateSchedule()
         self.norm = nn.LayerNorm(width)
-        self.attn = nn.ModuleList(MultiHeadAttention(width, heads, backend) for _ in range(num_modalities))
+        self.attn = nn.ModuleList(MultiHeadAttention(width, heads, backend) for _ in range(3))
         self.mlp = FeedForward(width, dropout)
-        self.gates = nn.ModuleList(ContextGate(width) for _ in range(num_modalities))
+        self.gates = nn.ModuleList(ContextGate(width, schedule, gated) for _ in range(3))
 
     def forward(self, xs, masks, context):
         normed = [self.norm(x) for x in xs]
@@ -127,10 +116,13 @@ class TransformerBlock(nn.Module):
 class GlobalExpert(nn.Module):
     """Long-range context: transformer blocks over the whole multimodal sequence."""
 
-    def __init__(self, width: int, heads: int, layers: int, dropout: float, backend: str):
+    def __init__(
+        self, width, heads, layers, dropout, backend: str, schedule: GateSchedule | None = None, gated: bool = True
+    ):
         super().__init__()
+        schedule = schedule or GateSchedule()
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, backend) for _ in range(layers))
-        self.gate = ContextGate(width)
+        self.gate = ContextGate(width, schedule, gated)
 
     def forward(self, xs, masks, context):
         x, mask = torch.cat(xs, 1), torch.cat(masks, 1)

@@ -5,6 +5,8 @@
     out.pseudo_tokens   # [B, K, llm_hidden], to be placed in the prompt
     out.expert_weights  # [B, num_experts] level-2 gate (softmax over experts)
     out.inner_gates     # {expert: [B, 3]} level-1 gate means per modality (text, audio, vision)
+    out.aux_losses      # {"balance", "z"}: the level-2 gate's auxiliary losses (egmf.model.gates)
+    fusion.set_training_progress(step / total_steps)     # the gates' noise and warm-up follow it
 
 Runs on a CPU (SDPA) or on CUDA (flash-attn when installed). Padded positions
 never change a result.
@@ -21,6 +23,7 @@ from torch import nn
 from egmf.errors import ConfigError, DataError
 from egmf.model.config import FusionConfig
 from egmf.model.experts import GlobalExpert, LocalExpert, MultiHeadAttention, SemanticExpert, masked_mean
+from egmf.model.gates import ExpertGate, GateSchedule
 
 MODALITIES = ("text", "audio", "vision")
 
@@ -30,6 +33,7 @@ class FusionOutput:
     pseudo_tokens: torch.Tensor
     expert_weights: torch.Tensor
     inner_gates: dict[str, torch.Tensor]
+    aux_losses: dict[str, torch.Tensor]
 
 
 class TimeEncoding(nn.Module):
@@ -62,23 +66,6 @@ class FrontEnd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(x.to(self.proj.weight.dtype)))
-
-
-class ExpertGate(nn.Module):
-    """Level-2 gate: a softmax over experts per sample, from the pooled expert outputs and the context."""
-
-    def __init__(self, width: int, num_experts: int, dynamic: bool):
-        super().__init__()
-        self.num_experts, self.dynamic = num_experts, dynamic
-        self.score = nn.Sequential(
-            nn.Linear((num_experts + 1) * width, width), nn.GELU(), nn.Linear(width, num_experts)
-        )
-
-    def forward(self, pooled: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """pooled [B, E, d], context [B, d] -> weights [B, E] summing to one."""
-        if not self.dynamic:
-            return pooled.new_full(pooled.shape[:2], 1.0 / self.num_experts)
-        return torch.softmax(self.score(torch.cat([pooled.flatten(1), context], -1)), -1)
 
 
 class PseudoTokens(nn.Module):
@@ -120,13 +107,17 @@ class FusionModule(nn.Module):
         self.time = TimeEncoding(d, cfg.time_frequencies)
         self.modality = nn.Embedding(len(MODALITIES), d)
         self.context = nn.Sequential(nn.Linear(len(MODALITIES) * d, d), nn.GELU())
+        self.schedule = GateSchedule()  # shared by every gate; set_training_progress moves it
+        gated = cfg.inner_gating
         builders = {
-            "local": lambda: LocalExpert(d, cfg.local_kernel, cfg.dropout),
-            "semantic": lambda: SemanticExpert(d, cfg.heads, cfg.dropout, cfg.attention),
-            "global": lambda: GlobalExpert(d, cfg.heads, cfg.global_layers, cfg.dropout, cfg.attention),
+            "local": lambda: LocalExpert(d, cfg.local_kernel, cfg.dropout, self.schedule, gated),
+            "semantic": lambda: SemanticExpert(d, cfg.heads, cfg.dropout, cfg.attention, self.schedule, gated),
+            "global": lambda: GlobalExpert(
+                d, cfg.heads, cfg.global_layers, cfg.dropout, cfg.attention, self.schedule, gated
+            ),
         }
         self.experts = nn.ModuleDict({name: builders[name]() for name in cfg.experts})
-        self.gate = ExpertGate(d, len(cfg.experts), cfg.gating == "dynamic")
+        self.gate = ExpertGate(d, len(cfg.experts), cfg.gating == "dynamic", self.schedule)
         self.pseudo = PseudoTokens(d, cfg.heads, cfg.num_pseudo_tokens, llm_hidden, llm_embed_rms, cfg.attention)
 
     def forward(
@@ -154,9 +145,13 @@ class FusionModule(nn.Module):
             out = torch.cat(out, 1)
             outputs.append(out)
             pooled.append(masked_mean(out, all_mask))
-        weights = self.gate(torch.stack(pooled, 1), context)
-        fused = torch.einsum("be,beld->bld", weights, torch.stack(outputs, 1))
-        return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates)
+        weights, logits = self.gate(torch.stack(pooled, 1), context)
+        fused = torch.einsum("be,beld->bld", weights.to(outputs[0].dtype), torch.stack(outputs, 1))
+        return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates, self.gate.aux_losses(weights, logits))
+
+    def set_training_progress(self, progress: float) -> None:
+        """The fraction of training done; the gates' noise and warm-up mixing follow it (egmf.model.gates)."""
+        self.schedule.update(self.cfg, progress)
 
     def check_dims(self, dataset: str, audio: torch.Tensor, vision: torch.Tensor) -> None:
         if dataset not in self.feature_dims:

@@ -40,6 +40,8 @@ class PredictionRow:
     """None where a generated answer did not parse."""
     answer: str
     """The raw answer text."""
+    gate: dict[str, float] | None = None
+    """The sample's level-2 gate: expert -> weight (None in the text-only ablation)."""
 
 
 def evaluate(model, cfg: Config, split: str, world: WorldInfo, modes: list[str] | None = None):
@@ -47,6 +49,7 @@ def evaluate(model, cfg: Config, split: str, world: WorldInfo, modes: list[str] 
     data_cfg = replace(cfg.data, batch_size=cfg.eval.batch_size or cfg.data.batch_size)
     was_training = model.training
     model.eval()
+    experts = list(model.fusion.cfg.experts) if model.fusion is not None else []
     rows: list[PredictionRow] = []
     for dataset in cfg.data.eval:
         for batch in EvalLoader(data_cfg, dataset, split, world.rank, world.world_size):
@@ -57,11 +60,9 @@ def evaluate(model, cfg: Config, split: str, world: WorldInfo, modes: list[str] 
                 preds = model.predict(batch, mode, cfg.eval.max_new_tokens)
                 for i, ok in enumerate(valid):
                     if ok:
-                        rows.append(
-                            PredictionRow(
-                                batch.ids[i], dataset, split, mode, batch.labels[i], preds.labels[i], preds.answers[i]
-                            )
-                        )
+                        gate = dict(zip(experts, preds.expert_weights[i], strict=True)) if experts else None
+                        row = (batch.ids[i], dataset, split, mode, batch.labels[i], preds.labels[i], preds.answers[i])
+                        rows.append(PredictionRow(*row, gate))
     model.train(was_training)
     rows = gather_rows(rows, world)
     if not world.is_logging_rank:
@@ -90,6 +91,21 @@ def score_rows(rows: list[PredictionRow]) -> dict[str, dict[str, dict[str, float
         metrics.update(unparseable=unparseable, samples=len(group))
         results.setdefault(dataset, {})[mode] = metrics
     return results
+
+
+def mean_gates(rows: list[PredictionRow], mode: str) -> dict[str, dict[str, float]]:
+    """{dataset: {expert: mean level-2 weight}} over the rows of one decoding mode (the gate does not depend on
+    the mode); {} in the text-only ablation."""
+    sums: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.mode != mode or row.gate is None:
+            continue
+        by_expert = sums.setdefault(row.dataset, dict.fromkeys(row.gate, 0.0))
+        for expert, weight in row.gate.items():
+            by_expert[expert] += weight
+        counts[row.dataset] = counts.get(row.dataset, 0) + 1
+    return {d: {e: total / counts[d] for e, total in by_expert.items()} for d, by_expert in sums.items()}
 
 
 def default_selection(datasets: list[str]) -> dict[str, float]:

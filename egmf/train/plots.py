@@ -1,4 +1,5 @@
-"""Evaluation figures for MLflow: a confusion matrix per classification set, predicted-vs-true per regression set."""
+"""Evaluation figures for MLflow: a confusion matrix per classification set, predicted-vs-true per regression set,
+the level-2 gate per dataset over the evaluations."""
 
 from __future__ import annotations
 
@@ -65,3 +66,21 @@ def evaluation_figures(rows: list[PredictionRow], mode: str):
             yield f"plots/{split}/{dataset}_confusion.png", confusion_figure(dataset, group)
         else:
             yield f"plots/{split}/{dataset}_scatter.png", scatter_figure(dataset, group)
+
+
+def gate_history_figure(history: list, split: str):
+    """The mean level-2 gate per dataset over the evaluations: one panel per dataset, one line per expert.
+    `history`: [step, {dataset: {expert: weight}}] per evaluation."""
+    datasets = sorted({d for _, gates in history for d in gates})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets), 2.8), squeeze=False, sharey=True)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        points = [(step, gates[dataset]) for step, gates in history if dataset in gates]
+        for expert in points[0][1]:
+            ax.plot([s for s, _ in points], [g[expert] for _, g in points], marker="o", label=expert)
+        ax.set_title(dataset, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel(f"mean gate ({split})")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -32,7 +32,7 @@ from egmf.tracking import flatten, open_tracker, write_run_record
 from egmf.train import checkpoint
 from egmf.train.config import Config
 from egmf.train.ds_config import offloads_optimizer, precision_name
-from egmf.train.evaluation import evaluate, flat_metrics, selection_score, write_evaluation
+from egmf.train.evaluation import evaluate, flat_metrics, mean_gates, selection_score, write_evaluation
 from egmf.train.optim import build_optimizer, build_scheduler, param_groups
 from egmf.train.preflight import feature_dims
 from egmf.train.throughput import Window, llm_flops_per_token, peak_flops
@@ -41,6 +41,9 @@ logger = logging.getLogger("egmf.train")
 
 FINAL_METRICS = "final_metrics.json"
 PREDICTIONS = "predictions"
+# A gate that gives one expert more than this weight for this many logging windows in a row has collapsed.
+COLLAPSE_WEIGHT = 0.95
+COLLAPSE_WINDOWS = 3
 
 
 @dataclass
@@ -56,6 +59,10 @@ class RunState:
     stopped_early: bool = False
     metrics: dict = field(default_factory=dict)
     """The latest evaluation's metrics (MLflow keys)."""
+    collapsed_windows: int = 0
+    """Logging windows in a row in which one expert held more than COLLAPSE_WEIGHT of the level-2 gate."""
+    gate_history: list = field(default_factory=list)
+    """[step, {dataset: {expert: mean weight}}] of each evaluation on eval.select_split (for the gate plot)."""
 
 
 def build_model(cfg: Config, device: torch.device) -> EGMFModel:
@@ -156,7 +163,7 @@ class Trainer:
             batches.close()  # stops the loader's workers now, not at garbage collection
 
     def train_loop(self, batches) -> str:
-        window = Window(self.expert_names)
+        window = Window(self.expert_names, list(self.cfg.data.train))
         progress = self.progress_bar()
         while self.state.step < self.total_steps and not self.state.stopped_early:
             self.train_step(batches, window)
@@ -200,6 +207,7 @@ class Trainer:
 
     def train_step(self, batches, window: Window) -> None:
         """One optimizer step: `grad_accum` micro-batches with a finite loss."""
+        self.engine.module.set_training_progress(self.state.step / self.total_steps)
         done = 0
         in_a_row = 0
         while done < self.cfg.optim.grad_accum:
@@ -230,7 +238,7 @@ class Trainer:
             logger.warning("non-finite loss at step %d (%s batch); skipped", self.state.step + 1, batch.dataset)
             return False
         self.engine.backward(out.loss)
-        window.add_micro_batch(out.loss.item(), int(batch.valid.sum()), out.num_tokens, out.expert_weights)
+        window.add_micro_batch(out, batch.dataset, int(batch.valid.sum()))
         return True
 
     # ---- logging -------------------------------------------------------------------------------
@@ -249,6 +257,7 @@ class Trainer:
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         self.tracker.log_metrics(metrics, self.state.step)
+        self.watch_gate_collapse(metrics)
         summary = {
             "loss": f"{metrics['train/loss']:.4f}",
             "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
@@ -263,6 +272,26 @@ class Trainer:
             )
         progress.set_postfix(summary, refresh=False)
         window.reset()
+
+    def watch_gate_collapse(self, metrics: dict[str, float]) -> None:
+        """Warn (once per collapse) and tag the run when one expert holds the level-2 gate for several windows."""
+        weights = {name: metrics[f"gate/{name}"] for name in self.expert_names if f"gate/{name}" in metrics}
+        if len(weights) < 2:
+            return
+        expert, weight = max(weights.items(), key=lambda item: item[1])
+        self.state.collapsed_windows = self.state.collapsed_windows + 1 if weight > COLLAPSE_WEIGHT else 0
+        if self.state.collapsed_windows != COLLAPSE_WINDOWS or not self.world.is_logging_rank:
+            return
+        fusion = self.cfg.fusion
+        message = (
+            f"the level-2 gate has given the {expert} expert {weight:.2f} of the weight for {COLLAPSE_WINDOWS} "
+            f"logging windows: the other experts get almost no gradient, and the model has collapsed to one expert "
+            f"(mixture-of-experts collapse). Raise fusion.balance_coef (now {fusion.balance_coef}) or "
+            f"fusion.gate_noise (now {fusion.gate_noise}), or lengthen fusion.gate_warmup_ratio (now "
+            f"{fusion.gate_warmup_ratio}); gate/DATASET/EXPERT in MLflow shows which datasets collapsed"
+        )
+        logger.warning("step %d: %s", self.state.step, message)
+        self.tracker.set_tags({"gate_collapse": f"{expert} {weight:.3f} at step {self.state.step}: {message}"})
 
     # ---- evaluation ----------------------------------------------------------------------------
 
@@ -279,7 +308,27 @@ class Trainer:
             write_evaluation(os.path.join(self.output_dir, PREDICTIONS, tag), all_rows, all_metrics)
             self.state.metrics = all_metrics
             logger.info("evaluation at step %d: %s", self.state.step, headline(by_split, self.cfg.eval.select_mode))
+            self.log_evaluation_gates(all_rows)
         return by_split, all_rows
+
+    def log_evaluation_gates(self, rows: list) -> None:
+        """Rank 0: the mean level-2 gate per split and dataset (gate_eval/SPLIT/DATASET/EXPERT), and a plot of the
+        selection split's gates over the evaluations so far (plots/gates_SPLIT.png)."""
+        import matplotlib.pyplot as plt
+
+        from egmf.train.plots import gate_history_figure
+
+        mode, select_split = self.cfg.eval.select_mode, self.cfg.eval.select_split
+        for split in self.cfg.eval.splits:
+            gates = mean_gates([r for r in rows if r.split == split], mode)
+            metrics = {f"gate_eval/{split}/{d}/{e}": w for d, by_expert in gates.items() for e, w in by_expert.items()}
+            self.tracker.log_metrics(metrics, self.state.step)
+            if split == select_split and gates:
+                self.state.gate_history.append([self.state.step, gates])
+        if self.state.gate_history:
+            figure = gate_history_figure(self.state.gate_history, select_split)
+            self.tracker.log_figure(figure, f"plots/gates_{select_split}.png")
+            plt.close(figure)
 
     def periodic_evaluation(self) -> bool:
         """Evaluate, keep the best model; True when early stopping says to stop (the same on every rank)."""
