@@ -107,6 +107,7 @@ def test_rebuild_replaces_a_split_whole(tmp_path):
         "manifest.json",
         "mosei-train-000000.tar",
         "mosei-train-000001.tar",
+        "texts.jsonl",
     ]
 
 
@@ -229,3 +230,29 @@ def test_zero_length_keeps_one_frame(tmp_path):
     manifest, samples = read_split(str(tmp_path / "out"), "mosei", "valid")
     assert manifest.build_report["vision_zero_length_samples"] == 1
     assert samples[0].vision.shape == (1, 35) and not samples[0].vision.any()
+
+
+def test_utterances_beside_the_shards_and_what_the_prompt_cuts(tmp_path, capsys, tiny_llm):
+    """texts.jsonl holds each split's utterances in sample order; build and inspect count those the prompt would
+    cut at --max-text-tokens with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from egmf.shards.texts import count_truncated, read_texts
+
+    data = write_mmsa(str(tmp_path / "in.pkl"))
+    data["train"]["raw_text"][0] = "a much longer utterance than all the others " * 5
+    with open(tmp_path / "in.pkl", "wb") as f:
+        pickle.dump(data, f)
+    out = str(tmp_path / "out")
+    args = mmsa_args(tmp_path / "in.pkl", out) + ["--tokenizer", tiny_llm, "--max-text-tokens", "20"]
+    assert shards_main(args) == 0
+    manifest = load_manifest(out, "mosei", "train")
+    texts = read_texts(manifest)
+    assert sorted(texts) == sorted(str(t).strip() for t in data["train"]["raw_text"])  # as the shards hold them
+    assert manifest.text_stats["words"]["max"] == 40 and manifest.text_stats["words"]["p50"] == 3
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    assert count_truncated(tokenizer, texts, 20) == 1
+    assert "1 of 12 (8.3%) longer than 20 tokens" in capsys.readouterr().out
+    assert shards_main(["inspect", out, "--tokenizer", tiny_llm, "--max-text-tokens", "500"]) == 0
+    report = capsys.readouterr().out
+    assert "cut     0 of 12 (0.0%) longer than 500 tokens" in report and "text    words p50 3" in report

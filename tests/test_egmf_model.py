@@ -22,13 +22,13 @@ DIMS = {"demo_cls_en": (16, 12), "demo_cls_zh": (12, 20), "demo_reg_en": (16, 12
 K = 4
 
 
-def build_model(tiny_llm, checkpointing=False, text_only=False) -> EGMFModel:
+def build_model(tiny_llm, checkpointing=False, text_only=False, lora=True) -> EGMFModel:
     torch.manual_seed(0)
     return EGMFModel.build(
         FusionConfig(width=32, heads=4, num_pseudo_tokens=K, global_layers=1, dropout=0.0),
         PromptConfig(text_only=text_only),
         LLMConfig(path=tiny_llm, gradient_checkpointing=checkpointing),
-        LoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        LoraConfig(enabled=lora, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
         DIMS,
         torch.device("cpu"),
     )
@@ -309,3 +309,21 @@ def test_bad_model_inputs_fail_before_training(tiny_llm, tmp_path):
             DIMS,
             torch.device("cpu"),
         )
+
+
+def test_without_lora_only_the_fusion_module_trains(tiny_llm, demo_root, tmp_path):
+    """The ablation lora.enabled = false (MSE-Adapter's frozen LLM): no adapter, gradients reach the fusion module
+    only, and its export and reload work without one."""
+    model = build_model(tiny_llm, lora=False)
+    assert not model.has_lora
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith("fusion.") for name in trainable)
+    model.train()
+    model(first_batch(demo_root, "demo_cls_en")).loss.backward()
+    assert all(p.grad is None for p in model.llm.parameters())
+    model.export(str(tmp_path))
+    assert not os.path.exists(tmp_path / "adapter") and os.path.exists(tmp_path / "fusion.safetensors")
+    fresh = build_model(tiny_llm, lora=False)
+    fresh.load_exported(str(tmp_path))
+    for (name, a), b in zip(model.fusion.state_dict().items(), fresh.fusion.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)

@@ -52,4 +52,5 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     assert all(0 < metrics[f"gate_l1/{e}/{m}"] < 1 for e in experts for m in ("text", "audio", "vision"))
     assert metrics["train/aux/balance"] >= 1.0 and metrics["train/aux/z"] >= 0
     assert abs(sum(metrics[f"gate_eval/test/demo_cls_en/{e}"] for e in experts) - 1) < 1e-5
+    assert metrics["data/text_truncated/demo_cls_en/train"] == 0.0  # counted at the start (demo texts are short)
     assert "plots/gates_test.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -92,6 +92,8 @@ class LLMConfig:
 
 @dataclass
 class LoraConfig:
+    enabled: bool = True
+    """Train LoRA adapters on the LLM; false: the LLM stays frozen and only the fusion module trains (ablation)."""
     rank: int = 16
     """LoRA rank r."""
     alpha: int = 32

@@ -72,7 +72,10 @@ class EGMFModel(nn.Module):
         lora_cfg: LoraConfig,
         feature_dims: dict[str, tuple[int, int]],
         device: torch.device,
+        feature_stats: dict[str, dict] | None = None,
     ) -> EGMFModel:
+        """`feature_stats`: per dataset, the train split's feature statistics to standardise with (egmf.shards.stats;
+        a loaded model brings its own)."""
         problems = fusion_cfg.problems() + prompt_cfg.problems(list(feature_dims))
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
@@ -81,8 +84,13 @@ class EGMFModel(nn.Module):
         if not prompt_cfg.text_only:
             embeddings = llm.get_input_embeddings().weight
             rms = float(embeddings.float().pow(2).mean().sqrt())
-            fusion = FusionModule(fusion_cfg, feature_dims, embeddings.shape[1], rms).to(device)
+            fusion = FusionModule(fusion_cfg, feature_dims, embeddings.shape[1], rms, feature_stats).to(device)
         return cls(llm, tokenizer, fusion, PromptBuilder(prompt_cfg, tokenizer, fusion_cfg.num_pseudo_tokens))
+
+    @property
+    def has_lora(self) -> bool:
+        """False in the ablation without LoRA (lora.enabled = false): the LLM is the frozen base model."""
+        return hasattr(self.llm, "peft_config")
 
     @property
     def device(self) -> torch.device:
@@ -165,7 +173,8 @@ class EGMFModel(nn.Module):
         `PeftModel.from_pretrained(base_model, out_dir + "/adapter")` loads the adapter with plain peft.
         """
         os.makedirs(out_dir, exist_ok=True)
-        self.llm.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
+        if self.has_lora:
+            self.llm.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
         if self.fusion is not None:
             state = {k: v.detach().contiguous().cpu() for k, v in self.fusion.state_dict().items()}
             save_file(state, os.path.join(out_dir, FUSION_WEIGHTS))
@@ -178,6 +187,7 @@ class EGMFModel(nn.Module):
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
-        set_peft_model_state_dict(self.llm, load_peft_weights(os.path.join(out_dir, ADAPTER_DIR)))
+        if self.has_lora:
+            set_peft_model_state_dict(self.llm, load_peft_weights(os.path.join(out_dir, ADAPTER_DIR)))
         if self.fusion is not None:
             self.fusion.load_state_dict(load_file(os.path.join(out_dir, FUSION_WEIGHTS), device=str(self.device)))

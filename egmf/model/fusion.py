@@ -1,6 +1,7 @@
 """The EGMF fusion module: front ends -> three experts -> hierarchical gating -> K pseudo tokens.
 
-    fusion = FusionModule(cfg, feature_dims={"mosei": (74, 35)}, llm_hidden=3584, llm_embed_rms=0.02)
+    fusion = FusionModule(cfg, feature_dims={"mosei": (74, 35)}, llm_hidden=3584, llm_embed_rms=0.02,
+                          feature_stats={"mosei": manifest.feature_stats})   # standardise the inputs
     out = fusion(dataset, audio, audio_mask, vision, vision_mask, text_embeds, text_mask)
     out.pseudo_tokens   # [B, K, llm_hidden], to be placed in the prompt
     out.expert_weights  # [B, num_experts] level-2 gate (softmax over experts)
@@ -57,15 +58,29 @@ class TimeEncoding(nn.Module):
 
 
 class FrontEnd(nn.Module):
-    """Features [B, L, D_in] -> [B, L, d] with time and modality embeddings, zero at padding."""
+    """Features [B, L, D_in] -> [B, L, d]: standardised per dimension with the train split's statistics
+    (egmf.shards.stats), then LayerNorm and a projection. The statistics are buffers: checkpoints and exports
+    carry them, so evaluation and prediction standardise with the numbers training used."""
 
-    def __init__(self, in_dim: int, width: int):
+    def __init__(self, in_dim: int, width: int, stats: dict | None = None):
         super().__init__()
+        self.register_buffer("mean", torch.tensor(stats["mean"]) if stats else torch.zeros(in_dim))
+        self.register_buffer("std", torch.tensor(stats["std"]).clamp_min(1e-6) if stats else torch.ones(in_dim))
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) / self.std  # in float32: raw features may exceed what half precision holds
         return self.proj(self.norm(x.to(self.proj.weight.dtype)))
+
+    def _apply(self, fn, recurse: bool = True):
+        """Casting the module (bf16 training casts every floating buffer) moves the statistics but keeps them in
+        float32: in bf16 a mean of 10000 would be off by 32, many standard deviations of a narrow feature."""
+        mean, std = self.mean, self.std
+        super()._apply(fn, recurse)
+        self.mean = mean.to(self.mean.device, torch.float32)
+        self.std = std.to(self.std.device, torch.float32)
+        return self
 
 
 class PseudoTokens(nn.Module):
@@ -93,8 +108,15 @@ class PseudoTokens(nn.Module):
 
 class FusionModule(nn.Module):
     def __init__(
-        self, cfg: FusionConfig, feature_dims: dict[str, tuple[int, int]], llm_hidden: int, llm_embed_rms: float
+        self,
+        cfg: FusionConfig,
+        feature_dims: dict[str, tuple[int, int]],
+        llm_hidden: int,
+        llm_embed_rms: float,
+        feature_stats: dict[str, dict] | None = None,
     ):
+        """`feature_stats`: {dataset: {"audio": {"mean", "std"}, "vision": ...}} from the train manifests; a
+        dataset without them is not standardised (its values pass through unchanged)."""
         super().__init__()
         problems = cfg.problems()
         if problems:
@@ -102,8 +124,13 @@ class FusionModule(nn.Module):
         d = cfg.width
         self.cfg, self.feature_dims = cfg, dict(feature_dims)
         self.text_front = FrontEnd(llm_hidden, d)
-        self.audio_front = nn.ModuleDict({name: FrontEnd(dims[0], d) for name, dims in feature_dims.items()})
-        self.vision_front = nn.ModuleDict({name: FrontEnd(dims[1], d) for name, dims in feature_dims.items()})
+        stats = feature_stats or {}
+        self.audio_front = nn.ModuleDict(
+            {name: FrontEnd(dims[0], d, stats.get(name, {}).get("audio")) for name, dims in feature_dims.items()}
+        )
+        self.vision_front = nn.ModuleDict(
+            {name: FrontEnd(dims[1], d, stats.get(name, {}).get("vision")) for name, dims in feature_dims.items()}
+        )
         self.time = TimeEncoding(d, cfg.time_frequencies)
         self.modality = nn.Embedding(len(MODALITIES), d)
         self.context = nn.Sequential(nn.Linear(len(MODALITIES) * d, d), nn.GELU())

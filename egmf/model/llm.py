@@ -82,7 +82,18 @@ def load_llm(cfg: LLMConfig, lora: LoraConfig, attention: str, device: torch.dev
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelPathError(f"cannot load a causal LM from {cfg.path}: {exc}") from None
+    if not lora.enabled:  # the ablation without LoRA: the LLM only reads the pseudo tokens
+        return freeze(base, cfg.gradient_checkpointing).to(device), tokenizer
     return add_lora(base, lora, cfg.gradient_checkpointing, cfg.path).to(device), tokenizer
+
+
+def freeze(base, gradient_checkpointing: bool):
+    base.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant: with reentrant checkpointing LoRA gets no gradient when nothing
+        # upstream requires grad (peft #137, transformers #42489).
+        enable_checkpointing(base)
+    return base
 
 
 def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool, where: str = "the model"):
@@ -90,11 +101,7 @@ def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool, where: str = 
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    base.requires_grad_(False)
-    if gradient_checkpointing:
-        # Non-reentrant: with reentrant checkpointing LoRA gets no gradient when nothing
-        # upstream requires grad (peft #137, transformers #42489).
-        enable_checkpointing(base)
+    freeze(base, gradient_checkpointing)
     missing = [m for m in lora.target_modules if not any(name.endswith(m) for name, _ in base.named_modules())]
     if missing:
         raise ConfigError(

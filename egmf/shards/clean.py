@@ -16,6 +16,7 @@ import numpy as np
 from egmf.datasets import DatasetSpec
 from egmf.errors import DataError
 from egmf.shards.format import FEATURE_DTYPE, MODALITIES, Sample
+from egmf.shards.stats import FeatureStats
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -52,8 +53,10 @@ def clean_record(
     dims: dict[str, int],
     report: BuildReport,
     label_map: dict[str, str] | None = None,
+    stats: dict[str, FeatureStats] | None = None,
 ) -> Sample:
-    """Validate and normalise one record; `dims` fixes the feature dims of the split on first use."""
+    """Validate and normalise one record; `dims` fixes the feature dims of the split on first use; `stats`
+    (per modality) gathers the split's feature statistics."""
     sid = str(record.id)
     if not isinstance(record.text, str) or not record.text.strip():
         raise DataError(
@@ -66,7 +69,13 @@ def clean_record(
     for modality in MODALITIES:
         length = getattr(record, f"{modality}_len")
         features[modality] = clean_features(
-            getattr(record, modality), length, modality, f"{spec.name}/{split} sample {sid!r}", dims, report
+            getattr(record, modality),
+            length,
+            modality,
+            f"{spec.name}/{split} sample {sid!r}",
+            dims,
+            report,
+            stats.get(modality) if stats else None,
         )
     report.samples += 1
     meta = {
@@ -82,7 +91,13 @@ def clean_record(
 
 
 def clean_features(
-    array: object, length: int | None, modality: str, where: str, dims: dict[str, int], report: BuildReport
+    array: object,
+    length: int | None,
+    modality: str,
+    where: str,
+    dims: dict[str, int],
+    report: BuildReport,
+    stats: FeatureStats | None = None,
 ) -> np.ndarray:
     array = np.asarray(array)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
@@ -110,6 +125,8 @@ def clean_features(
         # Attention needs at least one frame: keep a single zero frame and say so.
         report.fixed[f"{modality}_zero_length_samples"] += 1
         array = np.zeros((1, expected_dim), dtype=np.float32)
+    elif stats is not None:  # a real sample (not the stand-in frame above): its finite values count
+        stats.add(array.astype(np.float32), np.isfinite(array))
     array = array.astype(np.float32)
     nonfinite = ~np.isfinite(array)
     if nonfinite.any():

@@ -3,7 +3,7 @@
     egmf-shards build --format mmsa --dataset mosei --input unaligned_50.pkl --out data/shards
     egmf-shards build --format mse-adapter --dataset meld --input MELD_DIR --out data/shards
     egmf-shards demo --out shards/demo
-    egmf-shards inspect data/shards [--verify]
+    egmf-shards inspect data/shards [--verify] [--tokenizer MODEL_DIR --max-text-tokens 96]
 
 Everything runs on a CPU.
 """
@@ -22,6 +22,7 @@ from egmf.errors import DataError
 from egmf.shards.demo import build_demo
 from egmf.shards.manifest import SplitManifest, find_manifests
 from egmf.shards.sources import read_mmsa, read_mse_adapter
+from egmf.shards.texts import count_truncated, read_texts
 from egmf.shards.writer import ShardLimits, write_split
 
 FORMATS = {"mmsa": ("mosei", "sims2"), "mse-adapter": ("meld", "cherma")}
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the build-time shuffle of train (valid/test keep input order)",
     )
     build.add_argument("--label-map", help='JSON file {"raw label": "valid label"} for other label spellings')
+    add_text_count_args(build)
 
     demo = commands.add_parser("demo", help="write the synthetic demo sets")
     demo.add_argument("--out", required=True)
@@ -65,7 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="summarise the shards under a root")
     inspect.add_argument("root")
     inspect.add_argument("--verify", action="store_true", help="also check each shard's size and sha256")
+    add_text_count_args(inspect)
     return parser
+
+
+def add_text_count_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", help="a model folder: count the utterances longer than --max-text-tokens")
+    parser.add_argument("--max-text-tokens", type=int, default=64, help="prompt.max_text_tokens of the recipe")
+
+
+def truncation_counter(args: argparse.Namespace):
+    """A function manifest -> report line of the utterances the prompt would cut, or None without --tokenizer."""
+    if not args.tokenizer:
+        return None
+    if args.max_text_tokens < 1:
+        raise DataError(f"--max-text-tokens must be >= 1, got {args.max_text_tokens}")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--tokenizer {args.tokenizer}: cannot load a tokenizer ({exc})") from None
+
+    def report(manifest: SplitManifest) -> str:
+        texts = read_texts(manifest)
+        if texts is None:
+            return "not counted: the split has no texts.jsonl (built before it existed); rebuild it"
+        cut = count_truncated(tokenizer, texts, args.max_text_tokens)
+        return f"{cut} of {len(texts)} ({cut / len(texts):.1%}) longer than {args.max_text_tokens} tokens"
+
+    return report
 
 
 def add_shard_size_args(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +137,7 @@ def run_build(args: argparse.Namespace) -> list[SplitManifest]:
     ]
 
 
-def build_summary(manifests: list[SplitManifest]) -> str:
+def build_summary(manifests: list[SplitManifest], count_cut=None) -> str:
     lines = []
     for m in manifests:
         fixes = {k: v for k, v in m.build_report.items() if k != "samples" and v}
@@ -115,10 +146,12 @@ def build_summary(manifests: list[SplitManifest]) -> str:
             f"{m.dataset}/{m.split}: {m.num_samples} samples in {len(m.shards)} shard(s) -> {m.location}; "
             f"cleaning: {fixed}"
         )
+        if count_cut:
+            lines.append(f"  utterances: {count_cut(m)}")
     return "\n".join(lines)
 
 
-def inspect_report(root: str, verify: bool = False) -> str:
+def inspect_report(root: str, verify: bool = False, count_cut=None) -> str:
     manifests = find_manifests(root)
     if not manifests:
         raise DataError(f"no manifest.json under {root}; build shards first (egmf-shards build/demo)")
@@ -138,6 +171,13 @@ def inspect_report(root: str, verify: bool = False) -> str:
                 f"   {modality:<7} frames min {s['min']} p50 {s['p50']:g} p90 {s['p90']:g} "
                 f"p99 {s['p99']:g} max {s['max']}"
             )
+        for unit, s in m.text_stats.items():
+            lines.append(f"   text    {unit:<5} p50 {s['p50']:g} p90 {s['p90']:g} p99 {s['p99']:g} max {s['max']}")
+        if count_cut:
+            lines.append(f"   cut     {count_cut(m)}")
+        for modality, s in m.feature_stats.items():
+            if s.get("zero_variance_dims"):
+                lines.append(f"   {modality:<7} {s['zero_variance_dims']} dims of zero variance (standardised to 0)")
         fixes = {k: v for k, v in m.build_report.items() if k != "samples" and v}
         if fixes:
             lines.append("   fixed   " + "  ".join(f"{k}={v}" for k, v in fixes.items()))
@@ -166,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "build":
-            print(build_summary(run_build(args)))
+            count_cut = truncation_counter(args)
+            print(build_summary(run_build(args), count_cut))
         elif args.command == "demo":
             sizes = {"train": args.train_size, "valid": args.eval_size, "test": args.eval_size}
             print(build_summary(build_demo(args.out, sizes, args.seed, args.shard_samples)))
         else:
-            report = inspect_report(args.root, args.verify)
+            report = inspect_report(args.root, args.verify, truncation_counter(args))
             print(report)
             return 1 if "FAILED" in report else 0
     except DataError as exc:

@@ -44,6 +44,12 @@ class SplitManifest:
     """Histogram {class: count} for classification; min/max/mean/std for regression."""
     length_stats: dict = field(default_factory=dict)
     """Per modality: min, p50, p90, p99, max, mean of frame counts."""
+    text_stats: dict = field(default_factory=dict)
+    """Utterance lengths in words and characters (p50, p90, p99, max); set when texts.jsonl is beside the shards
+    (egmf.shards.texts)."""
+    feature_stats: dict = field(default_factory=dict)
+    """Per modality: per-dimension mean and std of the split's finite feature values (egmf.shards.stats); the
+    model standardises its inputs with its train split's. Empty in shards built before it existed."""
     build_report: dict = field(default_factory=dict)
     """What the builder fixed: non-finite values zeroed, values clipped, etc."""
     source: dict = field(default_factory=dict)

@@ -26,6 +26,8 @@ from egmf.errors import DataError
 from egmf.shards.clean import BuildReport, clean_record
 from egmf.shards.format import MODALITIES, Sample, encode_sample, sample_key
 from egmf.shards.manifest import ShardInfo, SplitManifest
+from egmf.shards.stats import FeatureStats
+from egmf.shards.texts import text_stats, write_texts
 
 
 @dataclass
@@ -73,6 +75,7 @@ class SplitWriter:
         self._count = 0
         self.lengths = {m: [] for m in MODALITIES}
         self.labels: list = []
+        self.texts: list[str] = []
 
     def add(self, sample: Sample) -> None:
         members = encode_sample(sample)
@@ -88,6 +91,7 @@ class SplitWriter:
         for modality in MODALITIES:
             self.lengths[modality].append(getattr(sample, modality).shape[0])
         self.labels.append(sample.meta["label"])
+        self.texts.append(sample.meta["text"])
 
     def _is_full(self, next_size: int) -> bool:
         current = self.shards[-1]
@@ -115,7 +119,9 @@ class SplitWriter:
         os.replace(path + ".partial", path)
         self._tar = None
 
-    def finish(self, dims: dict[str, int], report: BuildReport, source: dict) -> SplitManifest:
+    def finish(
+        self, dims: dict[str, int], report: BuildReport, source: dict, stats: dict[str, FeatureStats]
+    ) -> SplitManifest:
         """Close the last shard, write the manifest, and swap the split into place."""
         self._close_shard()
         if not self.shards:
@@ -133,10 +139,13 @@ class SplitWriter:
             label_range=list(self.spec.label_range) if self.spec.label_range else None,
             label_stats=label_stats(self.labels, self.spec),
             length_stats=length_stats(self.lengths),
+            text_stats=text_stats(self.texts),
+            feature_stats={modality: s.as_dict() for modality, s in stats.items()},
             build_report=report.as_dict(),
             source=source,
             location=self.final_dir,
         )
+        write_texts(self.build_dir, self.texts)
         write_atomically(os.path.join(self.build_dir, "manifest.json"), manifest.to_json().encode("utf-8"))
         publish(self.build_dir, self.final_dir)
         return manifest
@@ -194,10 +203,11 @@ def write_split(
     writer = SplitWriter(out_dir, spec, split, limits)
     dims: dict[str, int] = {}
     report = BuildReport()
+    stats = {modality: FeatureStats() for modality in MODALITIES}
     try:
         for index in order:
-            writer.add(clean_record(records[index], spec, split, dims, report, label_map))
-        return writer.finish(dims, report, source)
+            writer.add(clean_record(records[index], spec, split, dims, report, label_map, stats))
+        return writer.finish(dims, report, source, stats)
     except BaseException:
         writer.abort()
         raise

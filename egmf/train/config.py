@@ -186,7 +186,8 @@ class Config:
 
     def problems(self) -> list[str]:
         known = [d for d in sorted(set(self.data.train) | set(self.data.eval)) if d in SPECS]
-        return (
+        nothing_trains = self.prompt.text_only and not self.lora.enabled
+        return ["prompt.text_only with lora.enabled = false leaves nothing to train"] * nothing_trains + (
             self.data.problems()
             + self.fusion.problems()
             + self.prompt.problems(known)

@@ -8,13 +8,17 @@ model) is exempt from the existence checks: its assets are built when missing.
 
 from __future__ import annotations
 
+import logging
+
 from egmf.demo_assets import demo_assets_missing
 from egmf.errors import CheckpointError, ConfigError, DataError, ModelPathError
 from egmf.model.fusion import check_feature_dims
 from egmf.model.llm import check_model_dir
-from egmf.shards.manifest import load_manifest
+from egmf.shards.manifest import SplitManifest, load_manifest
 from egmf.train.checkpoint import resolve_resume
 from egmf.train.config import Config
+
+logger = logging.getLogger("egmf.train")
 
 
 def splits_read(cfg: Config) -> list[tuple[str, str]]:
@@ -25,14 +29,33 @@ def needs_demo_assets(cfg: Config) -> bool:
     return demo_assets_missing(cfg.data.root, splits_read(cfg), cfg.llm.path)
 
 
-def feature_dims(cfg: Config) -> dict[str, tuple[int, int]]:
-    """(audio, vision) dims per dataset, from its train split (eval-only datasets: their first eval split)."""
-    dims = {}
+def model_manifests(cfg: Config) -> dict[str, SplitManifest]:
+    """The manifest the model takes each dataset's front end from: its train split (eval-only datasets: their
+    first eval split)."""
+    manifests = {}
     for dataset, split in splits_read(cfg):
-        if dataset not in dims:
-            manifest = load_manifest(cfg.data.root, dataset, split)
-            dims[dataset] = (manifest.audio_dim, manifest.vision_dim)
-    return dims
+        if dataset not in manifests:
+            manifests[dataset] = load_manifest(cfg.data.root, dataset, split)
+    return manifests
+
+
+def feature_dims(cfg: Config) -> dict[str, tuple[int, int]]:
+    """(audio, vision) dims per dataset."""
+    return {name: (m.audio_dim, m.vision_dim) for name, m in model_manifests(cfg).items()}
+
+
+def feature_stats(cfg: Config) -> dict[str, dict]:
+    """Per dataset, the feature statistics the model standardises with; shards built without them are named in a
+    warning (their inputs pass through unchanged)."""
+    manifests = model_manifests(cfg)
+    missing = [f"{m.dataset}/{m.split}" for m in manifests.values() if not m.feature_stats]
+    if missing:
+        logger.warning(
+            "%s: the shards hold no feature statistics, so those inputs are not standardised; rebuild them with "
+            "egmf-shards build (or egmf-shards demo)",
+            ", ".join(missing),
+        )
+    return {name: m.feature_stats for name, m in manifests.items() if m.feature_stats}
 
 
 def preflight(cfg: Config) -> None:

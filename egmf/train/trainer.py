@@ -28,13 +28,15 @@ from egmf.data.loader import TrainLoader
 from egmf.distributed import WorldInfo, host_names
 from egmf.errors import NonFiniteLossError
 from egmf.model.egmf_model import EGMFModel
+from egmf.shards.manifest import load_manifest
+from egmf.shards.texts import MAX_TRUNCATED_SHARE, count_truncated, read_texts
 from egmf.tracking import flatten, open_tracker, write_run_record
 from egmf.train import checkpoint
 from egmf.train.config import Config
 from egmf.train.ds_config import offloads_optimizer, precision_name
 from egmf.train.evaluation import evaluate, flat_metrics, mean_gates, selection_score, write_evaluation
 from egmf.train.optim import build_optimizer, build_scheduler, param_groups
-from egmf.train.preflight import feature_dims
+from egmf.train.preflight import feature_dims, feature_stats, splits_read
 from egmf.train.throughput import Window, llm_flops_per_token, peak_flops
 
 logger = logging.getLogger("egmf.train")
@@ -67,7 +69,7 @@ class RunState:
 
 def build_model(cfg: Config, device: torch.device) -> EGMFModel:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    return EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, feature_dims(cfg), device)
+    return EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, feature_dims(cfg), device, feature_stats(cfg))
 
 
 def git_commit() -> str:
@@ -118,6 +120,27 @@ class Trainer:
         self.tracker = open_tracker(cfg.mlflow, self.output_dir, self.world, self.state.mlflow_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
         self.start_tracking(hosts)
+        if self.world.is_logging_rank and not resume_from:
+            self.report_text_truncation(model.tokenizer)
+
+    def report_text_truncation(self, tokenizer) -> None:
+        """Rank 0: how many utterances of each split the prompt cuts at prompt.max_text_tokens (MLflow
+        data/text_truncated/DATASET/SPLIT, a share); a warning above 1 %."""
+        limit, shares = self.cfg.prompt.max_text_tokens, {}
+        for dataset, split in splits_read(self.cfg):
+            texts = read_texts(load_manifest(self.cfg.data.root, dataset, split))
+            if texts is None:
+                logger.info("%s/%s: utterances not counted (no texts.jsonl: shards built before it)", dataset, split)
+                continue
+            cut = count_truncated(tokenizer, texts, limit)
+            shares[f"data/text_truncated/{dataset}/{split}"] = cut / len(texts)
+            if cut > MAX_TRUNCATED_SHARE * len(texts):
+                logger.warning(
+                    "%s/%s: %d of %d utterances (%.1f%%) are longer than prompt.max_text_tokens=%d and lose their end; "
+                    "raise it (egmf-shards inspect ROOT --tokenizer %s --max-text-tokens N counts for N)",
+                    dataset, split, cut, len(texts), 100 * cut / len(texts), limit, self.cfg.llm.path,
+                )
+        self.tracker.log_metrics(shares, self.state.step)
 
     def start_tracking(self, hosts: list[str]) -> None:
         import deepspeed
