@@ -62,8 +62,11 @@ def train(model: EGMFModel, shards: str, steps: int, lr: float, seed: int) -> fl
     for step, batch in enumerate(TrainLoader(cfg)):
         model.set_training_progress(step / steps)
         optimizer.zero_grad()
-        loss = model(batch).loss
+        out = model(batch)
+        loss = out.loss
         loss.backward()
+        if out.expert_weights is not None:
+            model.record_gate_usage(batch.dataset, out.expert_weights.detach().float().mean(0))
         optimizer.step()
         losses.append(loss.item())
     return sum(losses[-50:]) / len(losses[-50:])

@@ -1,13 +1,15 @@
 """Gating against collapse: the schedule (noise, warm-up), the balance loss and router z-loss, level-1 gating off;
-and that the balance loss holds a gate that, without it, collapses onto one expert."""
+that the balance loss holds a gate that, without it, collapses onto one expert; and that, balanced over the mix,
+each dataset keeps the expert it needs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_fusion import build, inputs, trained_gates
+from test_fusion import DIMS, LLM_HIDDEN, build, inputs, trained_gates
 
 from egmf.model.config import FusionConfig
+from egmf.model.fusion import FusionModule
 from egmf.model.gates import ExpertGate, GateSchedule
 
 
@@ -67,21 +69,78 @@ def test_level_1_gating_can_be_switched_off():
     assert not any("gates." in name or name.startswith("experts.global.gate") for name, _ in model.named_parameters())
 
 
-def train_towards_expert_0(balance_coef: float, steps: int = 200) -> float:
-    """Train only the gate on a loss that rewards expert 0 (as a task that one expert serves best early on would);
-    returns expert 0's final mean weight."""
-    model = build(balance_coef=balance_coef, gate_noise=0.0, gate_warmup_ratio=0.0).train()
+def train_gate(
+    model: FusionModule, rewarded: dict[str, int], balance_coef: float, steps: int = 300, z_coef: float = 0.0
+) -> dict:
+    """Train only the gate, batches alternating over the datasets of `rewarded`, on a loss that rewards each
+    dataset's expert (as a task that one expert serves best would), as the trainer does: the balance loss in the
+    loss, each batch's mean gate recorded after it. Returns each dataset's final mean gate."""
     optimizer = torch.optim.Adam(model.gate.parameters(), lr=0.01)
-    for _ in range(steps):
-        out = model(**inputs())
-        loss = -out.expert_weights[:, 0].mean() + balance_coef * out.aux_losses["balance"]
+    model.train()
+    for step in range(steps):
+        dataset = list(rewarded)[step % len(rewarded)]
+        out = model(**inputs(dataset=dataset))
+        loss = -out.expert_weights[:, rewarded[dataset]].mean() + balance_coef * out.aux_losses["balance"]
+        loss = loss + z_coef * out.aux_losses["z"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return model(**inputs()).expert_weights[:, 0].mean().item()
+        model.record_gate_usage(dataset, out.expert_weights.detach().float().mean(0))
+    return {d: model(**inputs(dataset=d)).expert_weights.mean(0).tolist() for d in rewarded}
+
+
+def gate_only(balance_coef: float, datasets=DIMS) -> FusionModule:
+    torch.manual_seed(0)
+    cfg = FusionConfig(
+        width=32,
+        heads=4,
+        num_pseudo_tokens=4,
+        global_layers=1,
+        balance_coef=balance_coef,
+        gate_noise=0.0,
+        gate_warmup_ratio=0.0,
+    )
+    return FusionModule(cfg, {d: DIMS[d] for d in datasets}, llm_hidden=LLM_HIDDEN, llm_embed_rms=0.05)
 
 
 def test_the_balance_loss_holds_a_gate_that_would_collapse():
-    assert train_towards_expert_0(balance_coef=0.0) > 0.99  # nothing stops the drift onto one expert
-    # -P_0 + c·3·Σ P_i² is minimal at P_0 = 1/3 + 1/(9c), the others equal: 0.44 for c = 1
-    assert train_towards_expert_0(balance_coef=1.0) == pytest.approx(1 / 3 + 1 / 9, abs=0.05)
+    one = ["demo_cls_en"]
+    assert train_gate(gate_only(0.0, one), {"demo_cls_en": 0}, 0.0)["demo_cls_en"][0] > 0.99  # nothing stops it
+    # with one dataset M = P: -P_0 + c·3·Σ P_i² is minimal at P_0 = 1/3 + 1/(9c), the others equal: 0.44 at c = 1
+    held = train_gate(gate_only(1.0, one), {"demo_cls_en": 0}, 1.0)["demo_cls_en"][0]
+    assert held == pytest.approx(1 / 3 + 1 / 9, abs=0.05)
+
+
+def test_the_z_loss_sees_a_saturated_gate_and_holds_it():
+    """The gate's logits are centred, so a saturated softmax cannot hide from the z-loss behind logsumexp = 0
+    (uncentred [0, -20, -20]); alone, the z-loss keeps the gate off saturation."""
+    model = gate_only(0.0, ["demo_cls_en"])
+    with torch.no_grad():
+        model.gate.score[-1].bias.copy_(torch.tensor([0.0, -20.0, -20.0]))
+    out = model.train()(**inputs(dataset="demo_cls_en"))
+    assert out.expert_weights[:, 0].min() > 0.999
+    assert out.aux_losses["z"].item() > 100  # centred: [13.3, -6.7, -6.7], logsumexp 13.3
+    held = train_gate(gate_only(0.0, ["demo_cls_en"]), {"demo_cls_en": 0}, 0.0, z_coef=0.05)["demo_cls_en"][0]
+    assert 0.5 < held < 0.95
+
+
+def test_balance_over_the_mix_leaves_each_dataset_its_expert():
+    """Two datasets that each need their own expert: balanced over the mix, each still takes its expert (a batch's
+    own balance would have held both near 0.44), and the expert neither uses is kept alive."""
+    rewarded = {"demo_cls_en": 0, "demo_reg_zh": 1}
+    free = train_gate(gate_only(0.0), rewarded, 0.0)
+    balanced = train_gate(gate_only(1.0), rewarded, 1.0)
+    assert balanced["demo_cls_en"][0] > 0.85 and balanced["demo_reg_zh"][1] > 0.8
+    assert free["demo_cls_en"][2] + free["demo_reg_zh"][2] < 1e-3  # unused: dead
+    assert balanced["demo_cls_en"][2] + balanced["demo_reg_zh"][2] > 0.05  # unused, but kept in play
+
+
+def test_usage_is_a_moving_average_per_dataset_that_ignores_non_finite_batches():
+    model = gate_only(0.01)
+    model.gate.usage_momentum = 0.75
+    model.record_gate_usage("demo_reg_zh", torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(model.gate.usage[1], torch.tensor([0.5, 0.25, 0.25]))
+    torch.testing.assert_close(model.gate.usage[0], torch.full((3,), 1 / 3))
+    model.record_gate_usage("demo_reg_zh", torch.tensor([float("nan"), 1.0, 0.0]))
+    torch.testing.assert_close(model.gate.usage[1], torch.tensor([0.5, 0.25, 0.25]))
+    assert "gate.usage" in model.state_dict()  # checkpoints and exports keep it

@@ -43,11 +43,15 @@ class FusionConfig:
     inner_gating: bool = True
     """Level-1 gates inside the experts; false: each expert's update is added ungated (ablation)."""
     balance_coef: float = 0.01
-    """Weight of the level-2 balance loss N·Σ P_i² over the batch-mean gate P (egmf/model/gates.py); 0: off."""
-    z_loss_coef: float = 1e-3
-    """Weight of the level-2 router z-loss mean(logsumexp(logits)²) (egmf/model/gates.py; ST-MoE); 0: off."""
-    gate_noise: float = 1.0
-    """Std of the Gaussian noise on both gate levels' logits at the start of training; 0: no noise."""
+    """Weight of the level-2 balance loss N·Σ M_i² over the mean gate M of the training mix (egmf/model/gates.py);
+    0: off."""
+    usage_momentum: float = 0.9
+    """Decay of each dataset's moving-average gate that the balance loss's mix mean M is made of."""
+    z_loss_coef: float = 1e-4
+    """Weight of the level-2 router z-loss mean(logsumexp(logits)²) over centred logits (egmf/model/gates.py;
+    ST-MoE); 0: off. Small on purpose: it only has to win where a saturated softmax passes no task gradient."""
+    gate_noise: float = 0.3
+    """Std of the Gaussian noise on the level-2 gate's logits at the start of training; 0: no noise."""
     gate_noise_ratio: float = 0.5
     """Fraction of training over which the gate noise falls linearly to 0."""
     gate_warmup_ratio: float = 0.05
@@ -72,7 +76,7 @@ class FusionConfig:
             found.append(f"fusion.gating {self.gating!r} is not one of {', '.join(GATINGS)}")
         if self.attention not in BACKENDS:
             found.append(f"fusion.attention {self.attention!r} is not one of {', '.join(BACKENDS)}")
-        found += range_problems("fusion", self, ["dropout"], low=0, high=1, high_open=True)
+        found += range_problems("fusion", self, ["dropout", "usage_momentum"], low=0, high=1, high_open=True)
         found += range_problems("fusion", self, ("balance_coef", "z_loss_coef", "gate_noise"), low=0)
         found += range_problems("fusion", self, ("gate_noise_ratio", "gate_warmup_ratio"), low=0, high=1)
         return found

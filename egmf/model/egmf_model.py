@@ -144,6 +144,12 @@ class EGMFModel(nn.Module):
         loss = out.loss + cfg.balance_coef * aux["balance"] + cfg.z_loss_coef * aux["z"]
         return EGMFOutput(loss, out.loss, aux, fused.expert_weights, fused.inner_gates, num_tokens)
 
+    def record_gate_usage(self, dataset: str, batch_mean: torch.Tensor | None) -> None:
+        """After a training batch: its mean level-2 gate, averaged over ranks by the caller, for the balance loss
+        (egmf.model.gates). Every rank must pass the same value."""
+        if self.fusion is not None and batch_mean is not None:
+            self.fusion.record_gate_usage(dataset, batch_mean)
+
     def set_training_progress(self, progress: float) -> None:
         """The fraction of training done (0 at the first step): the gates' noise and warm-up follow it."""
         if self.fusion is not None:

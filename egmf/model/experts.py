@@ -75,7 +75,7 @@ class LocalExpert(nn.Module):
 
 
 class SemanticExpert(nn.Module):
-    """Cross-modal correlation: each modality attends to the other two, then an MLP."""
+    """Cross-modal correlation: each modality attends to the other two, then an MLP over the frame and what it found."""
 
     def __init__(self, width, heads, dropout, backend: str, schedule: GateSchedule | None = None, gated: bool = True):
         super().__init__()
@@ -92,9 +92,11 @@ class SemanticExpert(nn.Module):
             others = [i for i in range(len(xs)) if i != m]
             y = torch.cat([normed[i] for i in others], 1)
             y_mask = torch.cat([masks[i] for i in others], 1)
-            update = self.attn[m](normed[m], mask, y, y_mask)
-            update = update + self.mlp(update)
-            out, g = self.gates[m](x, update, context, mask)
+            # A pre-LN cross-attention block: the MLP sees the frame itself (its content and time) next to what it
+            # found in the other modalities, so it can relate the two (which came first, whether they agree).
+            h = x + self.attn[m](normed[m], mask, y, y_mask)
+            h = h + self.mlp(h)
+            out, g = self.gates[m](x, h - x, context, mask)
             outs.append(out)
             gate_means.append(gate_summary(g, mask))
         return outs, torch.stack(gate_means, 1)

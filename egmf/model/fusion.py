@@ -144,7 +144,10 @@ class FusionModule(nn.Module):
             ),
         }
         self.experts = nn.ModuleDict({name: builders[name]() for name in cfg.experts})
-        self.gate = ExpertGate(d, len(cfg.experts), cfg.gating == "dynamic", self.schedule)
+        self.datasets = list(feature_dims)
+        self.gate = ExpertGate(
+            d, len(cfg.experts), cfg.gating == "dynamic", self.schedule, len(self.datasets), cfg.usage_momentum
+        )
         self.pseudo = PseudoTokens(d, cfg.heads, cfg.num_pseudo_tokens, llm_hidden, llm_embed_rms, cfg.attention)
 
     def forward(
@@ -174,7 +177,12 @@ class FusionModule(nn.Module):
             pooled.append(masked_mean(out, all_mask))
         weights, logits = self.gate(torch.stack(pooled, 1), context)
         fused = torch.einsum("be,beld->bld", weights.to(outputs[0].dtype), torch.stack(outputs, 1))
-        return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates, self.gate.aux_losses(weights, logits))
+        aux = self.gate.aux_losses(weights, logits, self.datasets.index(dataset))
+        return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates, aux)
+
+    def record_gate_usage(self, dataset: str, batch_mean: torch.Tensor) -> None:
+        """After a training batch of `dataset`: its mean level-2 gate (over all ranks) for the balance loss."""
+        self.gate.record_usage(self.datasets.index(dataset), batch_mean)
 
     def set_training_progress(self, progress: float) -> None:
         """The fraction of training done; the gates' noise and warm-up mixing follow it (egmf.model.gates)."""

@@ -115,9 +115,7 @@ class Window:
         micro, samples, tokens, skipped = totals[:4].tolist()
         sums, counts = totals[4:].split(len(self.index))
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        out = {
-            key: (sums[i] / counts[i]).item() for key, i in self.index.items() if counts[i] > 0
-        }
+        out = {key: (sums[i] / counts[i]).item() for key, i in self.index.items() if counts[i] > 0}
         out |= {
             "train/samples_per_s_per_device": samples / seconds / world_size,
             "train/tokens_per_s_per_device": tokens / seconds / world_size,

@@ -138,7 +138,13 @@ class Trainer:
                 logger.warning(
                     "%s/%s: %d of %d utterances (%.1f%%) are longer than prompt.max_text_tokens=%d and lose their end; "
                     "raise it (egmf-shards inspect ROOT --tokenizer %s --max-text-tokens N counts for N)",
-                    dataset, split, cut, len(texts), 100 * cut / len(texts), limit, self.cfg.llm.path,
+                    dataset,
+                    split,
+                    cut,
+                    len(texts),
+                    100 * cut / len(texts),
+                    limit,
+                    self.cfg.llm.path,
                 )
         self.tracker.log_metrics(shares, self.state.step)
 
@@ -252,14 +258,22 @@ class Trainer:
         window.steps += 1
 
     def forward_backward(self, batch, window: Window) -> bool:
-        """False (and no backward) when the loss is not finite on some rank: every rank skips it together."""
+        """False (and no backward) when the loss is not finite on some rank: every rank skips it together.
+
+        One all-reduce carries both what the ranks must agree on: whether every loss is finite, and the batch's
+        mean level-2 gate over all ranks, which the balance loss keeps per dataset (identical on every rank; every
+        rank's batch of a step comes from the same dataset, egmf/data/train_stream.py)."""
         out = self.engine(batch)
-        finite = torch.isfinite(out.loss.detach()).float().reshape(1)
+        stats = torch.isfinite(out.loss.detach()).float().reshape(1)
+        if out.expert_weights is not None:
+            stats = torch.cat([stats, out.expert_weights.detach().float().mean(0)])
         if self.world.world_size > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
+            dist.all_reduce(stats)
+        if stats[0].item() < self.world.world_size:
             logger.warning("non-finite loss at step %d (%s batch); skipped", self.state.step + 1, batch.dataset)
             return False
+        if out.expert_weights is not None:
+            self.engine.module.record_gate_usage(batch.dataset, stats[1:] / self.world.world_size)
         self.engine.backward(out.loss)
         window.add_micro_batch(out, batch.dataset, int(batch.valid.sum()))
         return True
@@ -309,9 +323,10 @@ class Trainer:
         message = (
             f"the level-2 gate has given the {expert} expert {weight:.2f} of the weight for {COLLAPSE_WINDOWS} "
             f"logging windows: the other experts get almost no gradient, and the model has collapsed to one expert "
-            f"(mixture-of-experts collapse). Raise fusion.balance_coef (now {fusion.balance_coef}) or "
-            f"fusion.gate_noise (now {fusion.gate_noise}), or lengthen fusion.gate_warmup_ratio (now "
-            f"{fusion.gate_warmup_ratio}); gate/DATASET/EXPERT in MLflow shows which datasets collapsed"
+            f"(mixture-of-experts collapse). Raise fusion.z_loss_coef (now {fusion.z_loss_coef}), which pulls a "
+            f"saturated gate back, or fusion.balance_coef (now {fusion.balance_coef}), or lengthen "
+            f"fusion.gate_warmup_ratio (now {fusion.gate_warmup_ratio}); gate/DATASET/EXPERT in MLflow shows which "
+            f"datasets collapsed"
         )
         logger.warning("step %d: %s", self.state.step, message)
         self.tracker.set_tags({"gate_collapse": f"{expert} {weight:.3f} at step {self.state.step}: {message}"})
