@@ -5,19 +5,22 @@
 
 A run whose datasets are all demo sets (egmf.datasets.DEMO_DATASETS) builds
 what it lacks instead of failing, so `make train` and `egmf-train` with no
-arguments work on a fresh clone. A run on any other dataset never builds
-anything: its missing model or shards are errors.
+arguments work on a fresh clone. Demo shards written by an older design of the
+demo (their manifest's `source.design`) count as missing and are rebuilt. A run
+on any other dataset never builds anything: its missing model or shards are
+errors.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from egmf.datasets import DEMO_DATASETS
-from egmf.shards.demo import build_demo
+from egmf.shards.demo import DEMO_DESIGN, build_demo
 from egmf.shards.manifest import MANIFEST_NAME
 
-DEMO_SIZES = {"train": 512, "valid": 128, "test": 128}
+DEMO_SIZES = {"train": 2048, "valid": 128, "test": 128}
 
 
 def is_demo(datasets: list[str]) -> bool:
@@ -25,8 +28,17 @@ def is_demo(datasets: list[str]) -> bool:
 
 
 def shards_missing(root: str, splits: list[tuple[str, str]]) -> bool:
-    """Whether any (dataset, split) has no manifest under `root`."""
-    return any(not os.path.isfile(os.path.join(root, d, s, MANIFEST_NAME)) for d, s in splits)
+    """Whether any (dataset, split) has no manifest under `root`, or a demo set's is of an older demo design."""
+    return any(split_missing(os.path.join(root, d, s, MANIFEST_NAME), d in DEMO_DATASETS) for d, s in splits)
+
+
+def split_missing(manifest_path: str, demo: bool) -> bool:
+    if not os.path.isfile(manifest_path):
+        return True
+    if not demo:
+        return False
+    with open(manifest_path) as f:
+        return json.load(f).get("source", {}).get("design") != DEMO_DESIGN
 
 
 def demo_assets_missing(root: str, splits: list[tuple[str, str]], llm_path: str) -> bool:

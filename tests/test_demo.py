@@ -1,7 +1,11 @@
-"""The demo's label is recoverable from audio + vision + their timing, and from nothing less."""
+"""Each demo set's label is recoverable from the signal it was designed around, and not from less: the order inside
+a six-frame motif (local), the order of events across modalities (semantic), the whole utterance's average
+(global), two events' strength and order (all three)."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -21,53 +25,86 @@ def load(root, dataset, split="train"):
     ]
 
 
-def find_event(features: np.ndarray, patterns: np.ndarray) -> tuple[int, float, float]:
-    """(pattern id, relative time, strength) of the strongest planted event (3 frames wide)."""
-    scores = features.astype(np.float32) @ patterns.T  # [L, 2]
+def motif_class(audio: np.ndarray, motifs: np.ndarray) -> int:
+    """2 m + order of the strongest adjacent pair (P_m, Q_m) or (Q_m, P_m)."""
+    scores = {}
+    for m in (0, 1):
+        p, q = audio[:-1] @ motifs[m].T, audio[1:] @ motifs[m].T  # [L-1, 2]: frame t and t+1 on (P_m, Q_m)
+        scores[2 * m] = np.max(p[:, 0] + q[:, 1])
+        scores[2 * m + 1] = np.max(p[:, 1] + q[:, 0])
+    return max(scores, key=scores.get)
+
+
+def test_local_set_lives_in_the_order_of_two_adjacent_frames(demo_root):
+    manifest, samples = load(demo_root, "demo_cls_en")
+    motifs = demo_patterns("demo_cls_en", seed=0)["motifs"]
+    truth = np.array([manifest.labels.index(s.meta["label"]) for s in samples])
+    audio = [s.audio.astype(np.float32) for s in samples]
+    decoded = np.array([motif_class(a, motifs) for a in audio])
+    assert np.mean(decoded == truth) > 0.97
+    # With the frames shuffled, which motif is still found, but its order is a coin flip: the order is all the
+    # local expert has to add, and it exists only between neighbouring frames.
+    rng = np.random.default_rng(0)
+    shuffled = np.array([motif_class(a[rng.permutation(len(a))], motifs) for a in audio])
+    assert np.mean(shuffled // 2 == truth // 2) > 0.9
+    assert np.mean(shuffled == truth) < 0.7
+
+
+def find_event(features: np.ndarray, patterns: np.ndarray) -> tuple[int, float]:
+    """(pattern id, relative time) of the strongest planted event (3 frames wide)."""
+    scores = features @ patterns.T  # [L, 2]
     window = np.stack([np.convolve(scores[:, p], np.ones(EVENT_FRAMES) / EVENT_FRAMES, "valid") for p in (0, 1)], 1)
     start, pattern = np.unravel_index(np.argmax(window), window.shape)
-    center = start + EVENT_FRAMES // 2
-    return int(pattern), center / (len(features) - 1), float(window[start, pattern])
+    return int(pattern), (start + EVENT_FRAMES // 2) / (len(features) - 1)
 
 
-def test_classification_needs_both_modalities_and_timing(demo_root):
-    for dataset in ("demo_cls_en", "demo_cls_zh"):
-        manifest, samples = load(demo_root, dataset)
-        patterns = demo_patterns(dataset, seed=0)
-        decoded, audio_ids, vision_ids, truth = [], [], [], []
-        for s in samples:
-            a, t_a, _ = find_event(s.audio, patterns["audio"])
-            v, t_v, _ = find_event(s.vision, patterns["vision"])
-            decoded.append(manifest.labels[2 * a + int(t_a < t_v)])
-            audio_ids.append(a)
-            vision_ids.append(v)
-            truth.append(s.meta["label"])
-        assert np.mean(np.array(decoded) == np.array(truth)) > 0.97
-        for a in (0, 1):  # audio alone: two classes left, equally likely (the order bit is missing)
-            counts = Counter(label for label, aid in zip(truth, audio_ids, strict=True) if aid == a)
-            assert len(counts) == 2 and min(counts.values()) > 0.3 * sum(counts.values())
-        for v in (0, 1):  # the vision pattern is a distractor: all four classes under each
-            counts = Counter(label for label, vid in zip(truth, vision_ids, strict=True) if vid == v)
-            assert len(counts) == 4 and min(counts.values()) > 0.1 * sum(counts.values())
-
-
-def test_regression_sign_needs_timing_and_magnitude_needs_vision(demo_root):
-    manifest, samples = load(demo_root, "demo_reg_en")
-    patterns = demo_patterns("demo_reg_en", seed=0)
-    errors, audio_id_vs_sign, strength_vs_sign = [], [], []
+def test_semantic_set_lives_in_the_order_across_modalities(demo_root):
+    manifest, samples = load(demo_root, "demo_cls_zh")
+    patterns = demo_patterns("demo_cls_zh", seed=0)
+    decoded, audio_ids, truth = [], [], []
     for s in samples:
-        a, t_a, _ = find_event(s.audio, patterns["audio"])
-        # Only V0 is planted in regression sets: look for it alone.
-        _, t_v, strength = find_event(s.vision, np.stack([patterns["vision"][0], -patterns["vision"][0]]))
-        alpha = np.clip((strength - 3.0) / 9.0, 0, 1)
-        estimate = 3.0 * alpha * (1 if t_a < t_v else -1)
-        errors.append(abs(estimate - s.meta["label"]))
+        a, t_a = find_event(s.audio.astype(np.float32), patterns["audio"])
+        _, t_v = find_event(s.vision.astype(np.float32), patterns["vision"])
+        decoded.append(2 * a + int(t_a < t_v))
+        audio_ids.append(a)
+        truth.append(manifest.labels.index(s.meta["label"]))
+    assert np.mean(np.array(decoded) == np.array(truth)) > 0.97
+    for a in (0, 1):  # audio alone: two classes left, equally likely (the order needs the vision event)
+        counts = Counter(label for label, aid in zip(truth, audio_ids, strict=True) if aid == a)
+        assert len(counts) == 2 and min(counts.values()) > 0.3 * sum(counts.values())
+
+
+def test_global_set_lives_in_the_whole_utterances_average(demo_root):
+    _, samples = load(demo_root, "demo_reg_en")
+    patterns = demo_patterns("demo_reg_en", seed=0)
+    whole, one_frame, truth = [], [], []
+    for s in samples:
+        audio = s.audio.astype(np.float32) @ patterns["drift_audio"]
+        vision = s.vision.astype(np.float32) @ patterns["drift_vision"]
+        frames = np.concatenate([audio, vision])
+        whole.append(np.clip(frames.mean() / 0.8 * 3, -3, 3))
+        one_frame.append(np.clip(frames[len(frames) // 2] / 0.8 * 3, -3, 3))
+        truth.append(s.meta["label"])
+    whole, one_frame, truth = np.array(whole), np.array(one_frame), np.array(truth)
+    assert np.mean(np.abs(whole - truth)) < 0.45  # chance (always 0) is 1.5
+    assert np.mean(np.abs(one_frame - truth)) > 1.2  # a frame alone is mostly noise
+
+
+def test_timed_strength_set_needs_the_strength_and_the_order(demo_root):
+    _, samples = load(demo_root, "demo_reg_zh")
+    patterns = demo_patterns("demo_reg_zh", seed=0)
+    errors, sign_from_strength = [], []
+    for s in samples:
+        audio, vision = s.audio.astype(np.float32), s.vision.astype(np.float32)
+        a_score = np.convolve((audio @ patterns["audio"].T).max(1), np.ones(3) / 3, "valid")
+        v_score = np.convolve(vision @ patterns["vision"][0], np.ones(3) / 3, "valid")
+        t_a, t_v = np.argmax(a_score) / (len(a_score) - 1), np.argmax(v_score) / (len(v_score) - 1)
+        alpha = np.clip((v_score.max() - 3.0) / 9.0, 0, 1)
+        errors.append(abs(alpha * (1 if t_a < t_v else -1) - s.meta["label"]))
         if s.meta["label"] != 0:
-            audio_id_vs_sign.append((1 - 2 * a) == np.sign(s.meta["label"]))
-            strength_vs_sign.append((strength > 7.5) == (s.meta["label"] > 0))
-    assert np.mean(errors) < 0.3  # range is [-3, 3]; chance MAE is about 1.5
-    assert 0.3 < np.mean(audio_id_vs_sign) < 0.7  # the audio pattern says nothing about the sign
-    assert 0.3 < np.mean(strength_vs_sign) < 0.7  # nor does the vision event's strength
+            sign_from_strength.append((v_score.max() > 7.5) == (s.meta["label"] > 0))
+    assert np.mean(errors) < 0.1  # range [-1, 1]; chance MAE about 0.5
+    assert 0.3 < np.mean(sign_from_strength) < 0.7  # the strength says nothing about the sign
 
 
 def test_text_carries_no_label(demo_root):
@@ -80,3 +117,21 @@ def test_text_carries_no_label(demo_root):
     majority = max(total.values()) / len(samples)
     best_by_text = sum(max(c.values()) for c in by_text.values()) / len(samples)
     assert best_by_text < majority + 0.25  # small-sample noise only
+
+
+def test_demo_shards_of_an_older_design_count_as_missing(tmp_path):
+    """Shards from an older demo design are rebuilt, not trained on as if they were today's (egmf/demo_assets.py)."""
+    from egmf.demo_assets import shards_missing
+    from egmf.shards.demo import build_demo
+
+    root = str(tmp_path)
+    build_demo(root, {"train": 4, "valid": 2, "test": 2})
+    splits = [("demo_cls_en", "train"), ("demo_reg_zh", "test")]
+    assert not shards_missing(root, splits)
+    path = os.path.join(root, "demo_reg_zh", "test", "manifest.json")
+    manifest = json.load(open(path))
+    manifest["source"]["design"] -= 1
+    json.dump(manifest, open(path, "w"))
+    assert shards_missing(root, splits) and not shards_missing(root, splits[:1])
+    assert shards_missing(root, [("demo_cls_zh", "valid")]) is False
+    assert shards_missing(root, [("meld", "train")])

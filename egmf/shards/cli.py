@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="write the synthetic demo sets")
     demo.add_argument("--out", required=True)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train-size", type=int, default=512)
+    demo.add_argument("--train-size", type=int, default=2048)
     demo.add_argument("--eval-size", type=int, default=128, help="samples in each of valid and test")
     demo.add_argument("--shard-samples", type=int, default=64)
 

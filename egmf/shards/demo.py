@@ -1,43 +1,57 @@
-"""A synthetic bilingual, multi-task dataset whose label needs audio, vision and timing.
+"""Synthetic bilingual, multi-task demo sets, one designed for each fusion expert.
 
-Four sets, each with train/valid/test: demo_cls_en, demo_cls_zh (4 emotion classes)
-and demo_reg_en, demo_reg_zh (scores in [-3, 3] and [-1, 1]). Built in seconds;
-the embedded default for the main job and the tests. The planting, exactly
-(shards/README.md says the same):
+Four sets, each with train/valid/test: demo_cls_en, demo_cls_zh (4 emotion
+classes: neutral, joy, sadness, anger) and demo_reg_en, demo_reg_zh (scores in
+[-3, 3] and [-1, 1]). Built in seconds; the embedded default for the main job
+and the tests. Every feature value starts i.i.d. N(0, 1); audio has
+La ~ U{24..64} frames, vision Lv ~ U{8..24} (dims: en audio 16 / vision 12, zh
+12 / 20). Patterns are orthonormal unit vectors drawn per set. The text is a
+sentence drawn from a fixed pool, independent of the label. How each label is
+planted, and which expert it is designed for (shards/README.md says the same):
 
-- Background: every feature value is i.i.d. N(0, 1). Audio has La ~ U{24..64}
-  frames, vision Lv ~ U{8..24} frames (dims: en audio 16 / vision 12, zh 12 / 20).
-- Each set draws two audio patterns A0, A1 and two vision patterns V0, V1
-  (orthonormal pairs). One *event* is added per modality: pattern x strength on the
-  3 consecutive frames centred on frame round(p * (L - 1)) of that modality,
-  with p_a, p_v ~ U(0.1, 0.9) redrawn until |p_a - p_v| >= 0.25.
-  `audio_first` = p_a < p_v: the relative timing of the two events.
-- Classification: audio pattern a and vision pattern v are fair coin flips, both
-  events have strength 5; class index = 2 * a + audio_first over (neutral, joy,
-  sadness, anger). Audio alone knows a but not the order (at most 50 %); vision
-  alone (whose pattern is a distractor) and text alone are at chance.
-- Regression: alpha ~ U(0, 1); the audio event (strength 5, pattern A0 or A1 at
-  random, a distractor) marks a time; the vision event is V0 with strength
-  3 + 9 * alpha; score = R * alpha * (+1 if audio_first else -1), rounded to one
-  decimal, R = 3 (en) or 1 (zh). Vision alone gives the magnitude but not the
-  sign; the sign is the order of the two events.
-- Text: a sentence drawn uniformly from a fixed pool, independently of the label.
+- demo_cls_en, fine-grained LOCAL timing: a motif of two patterns on
+  neighbouring audio frames, P_m P_m P_m Q_m Q_m Q_m or the reverse
+  (strength 5), at a random place. Class = 2 m + order, m in {0, 1}. Which
+  motif (m) is visible to anything that pools the audio; the order inside six
+  frames is what a short temporal convolution sees, and what attention over a
+  clock normalised to the clip (1/16 of it at its finest) barely resolves.
+  Vision holds a distractor event.
+- demo_cls_zh, cross-modal SEMANTIC correlation: one event in each modality
+  (audio pattern A_a, vision a distractor pattern; 3 frames, strength 5) at
+  least 0.25 of the clip apart. Class = 2 a + (audio event first). Audio alone
+  knows a, not the order; the order is a relation between the modalities.
+- demo_reg_en, GLOBAL context: score = 3 alpha, alpha ~ U(-1, 1), carried by a
+  weak drift 0.8 alpha along one direction on every frame of both modalities
+  (a single frame's signal is below its noise; the whole utterance's average is
+  not), plus two distractor events.
+- demo_reg_zh, all three: alpha ~ U(0, 1); an audio event (a distractor
+  pattern) marks a time, a vision event V0 of strength 3 + 9 alpha gives the
+  magnitude, and the order of the two events the sign (audio first: +):
+  score = alpha (one decimal).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from egmf.datasets import CLASSIFICATION, DEMO_DATASETS, SPLITS, get_spec
+from egmf.datasets import DEMO_DATASETS, SPLITS, get_spec
 from egmf.shards.clean import RawRecord
 from egmf.shards.writer import ShardLimits, write_split
 
 DIMS = {"en": (16, 12), "zh": (12, 20)}
 AUDIO_FRAMES = (24, 64)
 VISION_FRAMES = (8, 24)
-EVENT_STRENGTH = 5.0
+STRENGTH = 5.0
 EVENT_FRAMES = 3
+MOTIF_FRAMES = 3
+"""Frames of each half of a local motif: P P Q Q or Q Q P P."""
 MIN_EVENT_GAP = 0.25
+
+DRIFT = 0.8
+
+DEMO_DESIGN = 2
+"""Written into each demo manifest (`source.design`); raise it when a change alters the samples, so that
+existing demo shards are rebuilt (egmf/demo_assets.py) instead of trained on as if they were the new ones."""
 
 TEXTS = {
     "en": [
@@ -71,23 +85,77 @@ TEXTS = {
 }
 
 
-def orthonormal_pair(rng: np.random.Generator, dim: int) -> np.ndarray:
-    q, _ = np.linalg.qr(rng.standard_normal((dim, 2)))
-    return q.T  # [2, dim], rows orthonormal
+def orthonormal(rng: np.random.Generator, dim: int, count: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((dim, count)))
+    return q.T  # [count, dim], rows orthonormal
+
+
+def frame_at(position: float, num_frames: int, width: int = 1) -> int:
+    """First frame of a `width`-frame event centred at relative `position` (0: first frame, 1: last)."""
+    center = int(round(position * (num_frames - 1)))
+    return min(max(center - width // 2, 0), num_frames - width)
+
+
+def add_event(features: np.ndarray, pattern: np.ndarray, position: float, strength: float, width: int) -> None:
+    start = frame_at(position, features.shape[0], width)
+    features[start : start + width] += strength * pattern
+
+
+def local_motif(rng, audio, vision, patterns) -> int:
+    """demo_cls_en: class 2 m + order of a 2-frame motif in audio."""
+    motif, order = (int(b) for b in rng.integers(0, 2, size=2))
+    first, second = patterns["motifs"][motif][::-1] if order else patterns["motifs"][motif]
+    t = int(rng.integers(0, audio.shape[0] - 2 * MOTIF_FRAMES + 1))
+    audio[t : t + MOTIF_FRAMES] += STRENGTH * first
+    audio[t + MOTIF_FRAMES : t + 2 * MOTIF_FRAMES] += STRENGTH * second
+    add_event(vision, patterns["vision"][rng.integers(0, 2)], rng.uniform(0.1, 0.9), STRENGTH, 1)  # distractor
+    return 2 * motif + order
 
 
 def event_times(rng: np.random.Generator) -> tuple[float, float]:
+    """Relative times of an audio and a vision event, at least MIN_EVENT_GAP apart."""
     while True:
         p_a, p_v = rng.uniform(0.1, 0.9, size=2)
         if abs(p_a - p_v) >= MIN_EVENT_GAP:
             return float(p_a), float(p_v)
 
 
-def add_event(features: np.ndarray, pattern: np.ndarray, position: float, strength: float) -> None:
-    num_frames = features.shape[0]
-    center = int(round(position * (num_frames - 1)))
-    start = min(max(center - EVENT_FRAMES // 2, 0), num_frames - EVENT_FRAMES)
-    features[start : start + EVENT_FRAMES] += strength * pattern
+def cross_modal_order(rng, audio, vision, patterns) -> int:
+    """demo_cls_zh: class 2 a + (the audio event comes before the vision event)."""
+    a = int(rng.integers(0, 2))
+    p_a, p_v = event_times(rng)
+    add_event(audio, patterns["audio"][a], p_a, STRENGTH, EVENT_FRAMES)
+    add_event(vision, patterns["vision"][rng.integers(0, 2)], p_v, STRENGTH, EVENT_FRAMES)
+    return 2 * a + int(p_a < p_v)
+
+
+def global_drift(rng, audio, vision, patterns) -> float:
+    """demo_reg_en: alpha in [-1, 1], spread thinly over every frame of both modalities."""
+    alpha = rng.uniform(-1.0, 1.0)
+    audio += DRIFT * alpha * patterns["drift_audio"]
+    vision += DRIFT * alpha * patterns["drift_vision"]
+    for _ in range(2):  # distractors: events that say nothing about the score
+        add_event(audio, patterns["audio"][rng.integers(0, 2)], rng.uniform(0.1, 0.9), STRENGTH, EVENT_FRAMES)
+    return alpha
+
+
+def timed_strength(rng, audio, vision, patterns) -> float:
+    """demo_reg_zh: alpha in [0, 1] from the vision event's strength, its sign from the events' order."""
+    p_a, p_v = event_times(rng)
+    alpha = rng.uniform(0.0, 1.0)
+    add_event(audio, patterns["audio"][rng.integers(0, 2)], p_a, 5.0, EVENT_FRAMES)
+    add_event(vision, patterns["vision"][0], p_v, 3.0 + 9.0 * alpha, EVENT_FRAMES)
+    return alpha * (1 if p_a < p_v else -1)
+
+
+PLANTERS = {
+    "demo_cls_en": local_motif,
+    "demo_cls_zh": cross_modal_order,
+    "demo_reg_en": global_drift,
+    "demo_reg_zh": timed_strength,
+}
+DESIGNED_FOR = {"demo_cls_en": "local", "demo_cls_zh": "semantic", "demo_reg_en": "global", "demo_reg_zh": "all"}
+"""The expert each demo set is designed to need (docs/model.md, ablations)."""
 
 
 def make_record(rng: np.random.Generator, dataset: str, index: int, split: str, patterns: dict) -> RawRecord:
@@ -95,28 +163,29 @@ def make_record(rng: np.random.Generator, dataset: str, index: int, split: str, 
     audio_dim, vision_dim = DIMS[spec.lang]
     audio = rng.standard_normal((rng.integers(AUDIO_FRAMES[0], AUDIO_FRAMES[1] + 1), audio_dim))
     vision = rng.standard_normal((rng.integers(VISION_FRAMES[0], VISION_FRAMES[1] + 1), vision_dim))
-    p_a, p_v = event_times(rng)
-    audio_first = p_a < p_v
-    if spec.task == CLASSIFICATION:
-        a, v = rng.integers(0, 2, size=2)
-        add_event(audio, patterns["audio"][a], p_a, EVENT_STRENGTH)
-        add_event(vision, patterns["vision"][v], p_v, EVENT_STRENGTH)
-        label: object = spec.labels[2 * int(a) + int(audio_first)]
+    value = PLANTERS[dataset](rng, audio, vision, patterns)
+    if spec.labels:
+        label: object = spec.labels[value]
     else:
-        alpha = rng.uniform(0.0, 1.0)
-        add_event(audio, patterns["audio"][rng.integers(0, 2)], p_a, EVENT_STRENGTH)
-        add_event(vision, patterns["vision"][0], p_v, 3.0 + 9.0 * alpha)
-        sign = 1 if audio_first else -1
-        label = round(spec.label_range[1] * alpha * sign, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
+        label = round(spec.label_range[1] * value, 1) + 0.0  # + 0.0 turns -0.0 into 0.0
     text = TEXTS[spec.lang][rng.integers(len(TEXTS[spec.lang]))]
     return RawRecord(id=f"{dataset}_{split}_{index:05d}", text=text, label=label, audio=audio, vision=vision)
 
 
 def demo_patterns(dataset: str, seed: int) -> dict[str, np.ndarray]:
-    """The planted patterns of one demo set (tests use them to decode the label)."""
+    """The planted patterns of one demo set (tests use them to decode the label): two audio and two vision
+    patterns, two 2-pattern motifs (orthogonal to the audio ones), and a drift direction per modality."""
     rng = np.random.default_rng([seed, DEMO_DATASETS.index(dataset), 1000])
     audio_dim, vision_dim = DIMS[get_spec(dataset).lang]
-    return {"audio": orthonormal_pair(rng, audio_dim), "vision": orthonormal_pair(rng, vision_dim)}
+    audio = orthonormal(rng, audio_dim, 7)
+    vision = orthonormal(rng, vision_dim, 3)
+    return {
+        "audio": audio[:2],
+        "motifs": audio[2:6].reshape(2, 2, audio_dim),
+        "vision": vision[:2],
+        "drift_audio": audio[6],
+        "drift_vision": vision[2],
+    }
 
 
 def build_demo(out_dir: str, sizes: dict[str, int], seed: int = 0, shard_samples: int = 64) -> list:
@@ -134,7 +203,7 @@ def build_demo(out_dir: str, sizes: dict[str, int], seed: int = 0, shard_samples
                     split,
                     out_dir,
                     ShardLimits(max_samples=shard_samples),
-                    source={"format": "demo", "seed": seed},
+                    source={"format": "demo", "seed": seed, "design": DEMO_DESIGN},
                 )
             )
     return manifests

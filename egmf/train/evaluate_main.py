@@ -1,6 +1,6 @@
 """`egmf-evaluate`: evaluate a saved model alone, a checkpoint folder or a run's best/ folder.
 
-    egmf-evaluate --checkpoint runs/demo/checkpoints/step_00001600
+    egmf-evaluate --checkpoint runs/demo/checkpoints/step_00002000
     egmf-evaluate --checkpoint runs/mosei/best --shards /data/shards --splits test
     torchrun --nproc_per_node 8 launch/evaluate.py --checkpoint ...     # each sample still decoded once
 
