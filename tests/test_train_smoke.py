@@ -23,6 +23,7 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
             "--train.steps=2",
             "--train.log_every=1",
             "--data.batch_size=4",
+            "--optim.global_batch=8",  # one process: 2 micro-batches per step
             "--data.num_workers=0",
             "--eval.batch_size=24",
             "--mlflow.system_metrics=false",
@@ -41,6 +42,7 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     assert os.path.isfile(os.path.join(out, "best", "best.json"))
     client, run = only_run(out)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["schedule"].startswith("2 optimizer steps") and run.data.params["optim.grad_accum"] == "2"
     assert {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")} == {1, 2}
     metrics = run.data.metrics  # the gate telemetry of every window and evaluation
     experts = ("local", "semantic", "global")

@@ -38,7 +38,12 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     warmup_steps: int = 100
-    """Optimizer steps of linear warm-up from 0 to the peak learning rates."""
+    """Optimizer steps of linear warm-up from 0 to the peak learning rates (when warmup_ratio is 0)."""
+    warmup_ratio: float = 0.0
+    """> 0: warm-up over this fraction of all optimizer steps instead of warmup_steps (holds at any device count)."""
+    global_batch: int = 0
+    """> 0: samples per optimizer step over all devices; grad_accum follows from it, data.batch_size and the device
+    count (egmf/train/schedule.py), and a combination that cannot reach it exactly is an error. 0: grad_accum."""
     min_lr_ratio: float = 0.1
     """The cosine decay ends at this fraction of the peak learning rates."""
     grad_accum: int = 1
@@ -52,7 +57,8 @@ class OptimConfig:
             + range_problems("optim", self, ("beta1", "beta2"), low=0, high=1, high_open=True)
             + range_problems("optim", self, ["min_lr_ratio"], low=0, high=1)
             + range_problems("optim", self, ["grad_accum"], low=1)
-            + range_problems("optim", self, ("weight_decay", "warmup_steps", "clip_grad"), low=0)
+            + range_problems("optim", self, ("weight_decay", "warmup_steps", "clip_grad", "global_batch"), low=0)
+            + range_problems("optim", self, ["warmup_ratio"], low=0, high=1, high_open=True)
         )
 
 
@@ -95,7 +101,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
-    """Evaluate every this many optimizer steps (0: only at the end)."""
+    """Evaluate every this many optimizer steps (0: only at the end; see per_epoch)."""
+    per_epoch: int = 0
+    """> 0: evaluate this many times per epoch instead of every `every` steps (holds at any device count)."""
     final: bool = True
     """Evaluate the final model on every split in `splits` at the end (false: only the periodic evaluations)."""
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
@@ -131,7 +139,9 @@ class EvalConfig:
                 found.append(f"eval.select key {key!r} must be 'DATASET/METRIC' with DATASET in data.eval")
             elif metric not in metric_names(dataset):
                 found.append(f"eval.select key {key!r}: {dataset} has the metrics {', '.join(metric_names(dataset))}")
-        found += range_problems("eval", self, ("every", "batch_size", "patience"), low=0)
+        found += range_problems("eval", self, ("every", "per_epoch", "batch_size", "patience"), low=0)
+        if self.every and self.per_epoch:
+            found.append(f"set one of eval.every ({self.every}) and eval.per_epoch ({self.per_epoch}), not both")
         found += range_problems("eval", self, ["max_new_tokens"], low=1)
         return found
 
@@ -139,14 +149,18 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0
-    """Save every this many optimizer steps (0: only at the end and when stopped)."""
+    """Save every this many optimizer steps (0: only at the end and when stopped; see per_epoch)."""
+    per_epoch: int = 0
+    """> 0: save this many times per epoch instead of every `every` steps."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: str = "auto"
     """'auto': continue from the latest complete checkpoint in train.output_dir if any; 'never'; or a checkpoint dir."""
 
     def problems(self) -> list[str]:
-        found = range_problems("checkpoint", self, ["every"], low=0)
+        found = range_problems("checkpoint", self, ("every", "per_epoch"), low=0)
+        if self.every and self.per_epoch:
+            found.append(f"set one of checkpoint.every ({self.every}) and checkpoint.per_epoch ({self.per_epoch})")
         found += range_problems("checkpoint", self, ["keep_last"], low=1)
         if not self.resume:
             found.append("checkpoint.resume must be 'auto', 'never' or a checkpoint folder")

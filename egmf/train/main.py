@@ -80,10 +80,12 @@ def configure(args: argparse.Namespace, overrides: list[str]):
     from egmf.distributed import check_rendezvous, pick_device, world_info_from_env
     from egmf.train.ds_config import resolve_ds_config
     from egmf.train.preflight import preflight
+    from egmf.train.schedule import fit_to_world
 
     cfg = resolve_config(args, overrides)
     world = world_info_from_env()
     check_rendezvous(world)
+    cfg = fit_to_world(cfg, world.world_size)
     device = pick_device(world, cfg.train.device)
     ds_config = resolve_ds_config(cfg.deepspeed.config, cfg, world.world_size, device.type)
     preflight(cfg)

@@ -72,6 +72,6 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total_steps, cfg.min_lr_ratio))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, warmup_steps: int):
+    """`warmup_steps` from egmf.train.schedule.plan_steps (optim.warmup_steps or optim.warmup_ratio)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, cfg.min_lr_ratio))

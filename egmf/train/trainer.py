@@ -37,6 +37,7 @@ from egmf.train.ds_config import offloads_optimizer, precision_name
 from egmf.train.evaluation import evaluate, flat_metrics, mean_gates, selection_score, write_evaluation
 from egmf.train.optim import build_optimizer, build_scheduler, param_groups
 from egmf.train.preflight import feature_dims, feature_stats, splits_read
+from egmf.train.schedule import plan_steps
 from egmf.train.throughput import Window, llm_flops_per_token, peak_flops
 
 logger = logging.getLogger("egmf.train")
@@ -103,8 +104,9 @@ class Trainer:
         self.expert_names = list(model.fusion.cfg.experts) if model.fusion is not None else []
         optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, offloads_optimizer(self.ds_config))
         self.loader = TrainLoader(cfg.data, self.world.rank, self.world.world_size)
-        self.total_steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(self.loader) / cfg.optim.grad_accum)
-        scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.plan = plan_steps(cfg, len(self.loader))
+        self.total_steps = self.plan.total_steps
+        scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, self.plan.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
@@ -165,6 +167,7 @@ class Trainer:
                 "torch_version": torch.__version__,
                 "device": self.device.type,
                 "precision": precision_name(self.ds_config),
+                "schedule": self.plan.describe(),
             }
         )
         if self.world.is_logging_rank:
@@ -174,6 +177,8 @@ class Trainer:
                 write_json(os.path.join(self.output_dir, name), value)
                 tracker.log_artifact(os.path.join(self.output_dir, name), "config")
             logger.info("MLflow run %s in %s", tracker.run_id, tracker.uri)
+            global_batch = self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world.world_size
+            logger.info("schedule: %s, global batch %d", self.plan.describe(), global_batch)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -207,14 +212,14 @@ class Trainer:
                 if self.world.is_logging_rank:
                     logger.warning("stop signal: checkpoint saved at step %d; run again to resume", step)
                 return "terminated"
-            if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step < self.total_steps:
+            if self.plan.eval_every and step % self.plan.eval_every == 0 and step < self.total_steps:
                 self.state.stopped_early = self.periodic_evaluation()
             if self.cfg.train.stop_at_step and step == self.cfg.train.stop_at_step and step < self.total_steps:
                 self.save()
                 progress.close()
                 logger.info("stopped at step %d as train.stop_at_step asks; run again to resume", step)
                 return "stopped"
-            if self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0 and step < self.total_steps:
+            if self.plan.checkpoint_every and step % self.plan.checkpoint_every == 0 and step < self.total_steps:
                 self.save()
             window.start += time.perf_counter() - paused
         progress.close()
