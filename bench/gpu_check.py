@@ -113,7 +113,7 @@ def train(env: dict, args: argparse.Namespace, folder: str, mlflow_installed: bo
     command = [sys.executable, "launch/train.py", "--deepspeed", "ds_configs/zero2.json"]
     command += [f"--data.root={folder}/shards", f"--llm.path={folder}/tiny-llm", f"--train.output_dir={out}"]
     command += [f"--train.steps={args.train_steps}", "--train.log_every=5", f"--train.device={args.device}"]
-    command += ["--eval.every=0", "--checkpoint.every=0", "--mlflow.system_metrics=false"]
+    command += ["--eval.every=0", "--checkpoint.every=0", "--mlflow.system_metrics=false", "--optim.warmup_ratio=0.1"]
     command += ([] if mlflow_installed else ["--mlflow.enabled=false"]) + args.train_override
     result = run_stage("train", command, env, timeout=args.train_timeout)
     final = _read_json(os.path.join(out, "final_metrics.json")) or {}

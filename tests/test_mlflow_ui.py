@@ -68,6 +68,7 @@ def healthy(url: str) -> bool:
 def run_on_server(mlflow_server, train_shards, tiny_llm, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ui-run") / "out")
     args = run_args(train_shards, tiny_llm, out, "--train.steps=4", "--eval.every=0", "--checkpoint.every=0")
+    args += ["--optim.warmup_steps=1"]
     args += [*SMALL_EVAL, f"--mlflow.tracking_uri={mlflow_server}", f"--mlflow.run_name={RUN_NAME}"]
     done = subprocess.run(
         [sys.executable, "launch/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900

@@ -34,7 +34,7 @@ def test_a_global_batch_out_of_reach_names_the_nearest_choices():
 
 
 def test_without_a_global_batch_accumulation_is_the_recipes():
-    cfg = config("--optim.grad_accum=3")
+    cfg = config("--optim.global_batch=0", "--optim.grad_accum=3")
     assert fit_to_world(cfg, 16) is cfg
 
 
@@ -57,7 +57,16 @@ def test_ratios_and_per_epoch_intervals_scale_with_the_run():
 
 
 def test_step_counts_stay_possible():
-    plan = plan_steps(config("--train.steps=40", "--optim.warmup_steps=100", "--eval.every=10"), 500)
+    plan = plan_steps(
+        config(
+            "--train.steps=40",
+            "--optim.warmup_ratio=0",
+            "--optim.warmup_steps=100",
+            "--eval.per_epoch=0",
+            "--eval.every=10",
+        ),
+        500,
+    )
     assert (plan.total_steps, plan.warmup_steps, plan.eval_every) == (40, 39, 10)
 
 

@@ -272,6 +272,7 @@ def test_optimizer_offload_config_trains_and_resumes(train_shards, tiny_llm, tmp
     """ds_configs/zero2_offload.json: DeepSpeed's CPU Adam (JIT-built on first use) on 2 ranks, stop and resume."""
     out = str(tmp_path / "out")
     args = run_args(train_shards, tiny_llm, out, "--train.steps=6", "--eval.every=0", "--checkpoint.every=0")
+    args += ["--optim.warmup_steps=2"]
     args += [*SMALL_EVAL, "--mlflow.system_metrics=false"]
     command = deepspeed_command(args)
     command[command.index("ds_configs/zero2.json")] = "ds_configs/zero2_offload.json"

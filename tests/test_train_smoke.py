@@ -21,6 +21,7 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
             f"--llm.path={tiny_llm}",
             f"--train.output_dir={out}",
             "--train.steps=2",
+            "--eval.every=0",  # the demo recipe's 400 would never come: a degenerate schedule
             "--train.log_every=1",
             "--data.batch_size=4",
             "--optim.global_batch=8",  # one process: 2 micro-batches per step

@@ -28,6 +28,7 @@ script does this when a rank was killed outright and could not end it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -36,6 +37,7 @@ import traceback
 from egmf.config import describe_tree
 from egmf.errors import ConfigError
 from egmf.train.config import Config, load_config
+from egmf.train.plan import format_plan, make_plan, plan_problems
 from egmf.train.run_markers import clear_failures, failed_ranks, failure_notes, write_failure
 from egmf.train.stop_signal import StopSignal
 
@@ -58,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deepspeed", help="DeepSpeed JSON config (default: deepspeed.config of the recipe)")
     parser.add_argument("--resume", help="'auto' (default: the latest complete checkpoint), 'never' or a folder")
     parser.add_argument("--close-run", choices=("FAILED", "KILLED"), help="end the job's MLflow run if still RUNNING")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the schedule (steps, warm-up, evaluations, checkpoints) and a memory estimate, then exit; "
+        "starts nothing, loads no weights, reads no samples; exit 2 when the schedule is degenerate",
+    )
+    parser.add_argument("--world-size", type=int, help="devices for --plan (default: $WORLD_SIZE, else 1)")
+    parser.add_argument("--json", action="store_true", help="--plan as one JSON object")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from deepspeed; env wins
     return parser
 
@@ -89,7 +99,26 @@ def configure(args: argparse.Namespace, overrides: list[str]):
     device = pick_device(world, cfg.train.device)
     ds_config = resolve_ds_config(cfg.deepspeed.config, cfg, world.world_size, device.type)
     preflight(cfg)
+    refuse_degenerate_schedule(make_plan(cfg, world.world_size), cfg)
     return cfg, ds_config, world, device
+
+
+def refuse_degenerate_schedule(plan, cfg) -> None:
+    problems = plan_problems(plan, cfg)
+    if problems:
+        raise ConfigError("degenerate schedule (see it with --plan):\n  " + "\n  ".join(problems))
+
+
+def show_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    """`--plan`: the resolved schedule and memory estimate on stdout; exit 2 when it is degenerate."""
+    cfg = resolve_config(args, overrides)
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    plan = make_plan(cfg, world_size)
+    print(json.dumps(plan.as_json(), indent=2) if args.json else format_plan(plan))
+    refuse_degenerate_schedule(plan, cfg)
+    return 0
 
 
 def setup_logging(is_logging_rank: bool) -> None:
@@ -107,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.close_run:
                 return close_run(resolve_config(args, overrides).train.output_dir, args.close_run)
+            if args.plan:
+                return show_plan(args, overrides)
             cfg, ds_config, world, device = configure(args, overrides)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -69,7 +69,7 @@ def plan_steps(cfg, batches_per_epoch: int) -> StepPlan:
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.optim.grad_accum))
     total = cfg.train.steps or cfg.train.epochs * steps_per_epoch
     if cfg.optim.warmup_ratio:
-        warmup = round(cfg.optim.warmup_ratio * total)
+        warmup = int(cfg.optim.warmup_ratio * total)  # rounded down: never more than the ratio
     else:
         warmup = cfg.optim.warmup_steps
     return StepPlan(
