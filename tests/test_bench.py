@@ -110,3 +110,21 @@ def test_gpu_check_runs_every_stage_and_records_each(tmp_path):
     assert stages["train"]["status"] == "ok" and train["steps"] == 2 and train["samples_per_s_per_device"] > 0
     assert train["test_metrics"]["eval/test/demo_cls_en/constrained/samples"] == 128
     assert "| train | ok |" in done.stdout
+
+
+def test_ablations_bench_trains_each_variant_and_tables_it(tmp_path):
+    """Two steps per variant: the table has the full model on top, a score per demo set, and the designed
+    experts' gates where a learned gate exists (text only has no fusion, so no gate)."""
+    args = ["--variants", "full,no_local,text_only", "--steps", "2", "--work-dir", str(tmp_path / "work")]
+    out, rows = run_bench("ablations.py", args, tmp_path, timeout=900)
+    assert [r["variant"] for r in rows] == ["full", "no_local", "text_only"]
+    for row in rows:
+        assert set(row["scores"]) == {"demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh"}
+        assert all(0 <= score <= 6 for score in row["scores"].values()), row
+    assert set(rows[0]["gates"]["demo_cls_en"]) == {"local", "semantic", "global"}
+    assert set(rows[1]["gates"]["demo_cls_en"]) == {"semantic", "global"}
+    assert rows[2]["gates"] == {}
+    table = [line for line in out.splitlines() if line.startswith("| ")]  # the header, then one row per variant
+    assert table[0].startswith("| variant |") and table[1].startswith("| full |") and table[3].startswith("| text_only")
+    _, again = run_bench("ablations.py", args, tmp_path, timeout=300)  # a rerun reuses the finished variants
+    assert again == rows

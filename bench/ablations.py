@@ -1,0 +1,153 @@
+"""Ablations: the demo trained once per variant of the model, one table of test scores per demo set.
+
+    python bench/ablations.py                                  # every variant, the demo recipe's schedule
+    python bench/ablations.py --variants full,no_local --steps 400 --work-dir /tmp/ablations
+    (the same command again reuses every variant already trained in --work-dir with the same settings)
+
+Each variant is `launch/train.py` on the embedded demo recipe (one CPU
+process) with a few overrides, the same data, seed and steps. The scores are
+those of the final model on the test splits, constrained decoding; no
+checkpoint is selected, so no variant profits from a lucky evaluation. Each
+demo set is designed to need one expert (egmf/shards/demo.py), so removing that
+expert must cost accuracy on its set. Prints one Markdown table: the test
+metric per set (weighted F1 for the class sets, MAE for the score sets) and
+the level-2 gate each set gave its designed expert; figures: docs/model.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from results import add_json_argument, write_results
+
+from egmf.atomic import write_json
+from egmf.datasets import DEMO_DATASETS as DATASETS
+from egmf.demo_assets import build_demo_assets
+from egmf.shards.demo import DESIGNED_FOR
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GATE_OFF = [
+    "--fusion.balance_coef=0",
+    "--fusion.z_loss_coef=0",
+    "--fusion.gate_noise=0",
+    "--fusion.gate_warmup_ratio=0",
+]
+VARIANTS = {
+    "full": [],
+    "no_local": ["--fusion.experts=['semantic', 'global']"],
+    "no_semantic": ["--fusion.experts=['local', 'global']"],
+    "no_global": ["--fusion.experts=['local', 'semantic']"],
+    "uniform_gate": ["--fusion.gating=uniform"],
+    "no_level1_gate": ["--fusion.inner_gating=false"],
+    "no_gate_regularisation": GATE_OFF,
+    "two_pseudo_tokens": ["--fusion.num_pseudo_tokens=2"],
+    "no_lora": ["--lora.enabled=false"],
+    "text_only": ["--prompt.text_only=true"],
+}
+VARIANT_RECORD = "ablation_variant.json"
+"""Written beside a variant's run once it finished: its command and training time, so a rerun with --work-dir
+reuses it instead of training again."""
+HEADLINE = {"demo_cls_en": "wf1", "demo_cls_zh": "wf1", "demo_reg_en": "mae", "demo_reg_zh": "mae"}
+
+
+def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse.Namespace) -> dict:
+    out = os.path.join(work_dir, name)
+    command = [sys.executable, "launch/train.py", f"--train.output_dir={out}", f"--train.steps={args.steps}"]
+    command += [f"--data.root={work_dir}/shards", f"--llm.path={work_dir}/tiny-llm", "--train.log_every=50"]
+    command += ["--eval.every=0", "--eval.splits=['test']", "--eval.select_split=test", "--eval.modes=['constrained']"]
+    command += ["--checkpoint.every=0", "--mlflow.system_metrics=false", f"--data.num_workers={args.num_workers}"]
+    command += [f"--train.seed={args.seed}", f"--data.seed={args.seed}", *args.override, *overrides]
+    seconds = finished_seconds(out, command)
+    if seconds is None:  # not trained yet with this command: train it (a rerun reuses the finished variants)
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"variant {name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        seconds = time.perf_counter() - start
+        write_json(os.path.join(out, VARIANT_RECORD), {"command": command, "seconds": seconds})
+    with open(os.path.join(out, "final_metrics.json")) as f:
+        metrics = json.load(f)["metrics"]
+    with open(os.path.join(out, "predictions", "final", "test.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {
+        "variant": name,
+        "seconds": seconds,
+        "scores": {d: metrics[f"eval/test/{d}/constrained/{HEADLINE[d]}"] for d in DATASETS},
+        "gates": designed_gates(rows),
+    }
+
+
+def finished_seconds(out: str, command: list[str]) -> float | None:
+    """The training time of a variant already trained in `out` with exactly this command, else None."""
+    try:
+        with open(os.path.join(out, VARIANT_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record["seconds"] if record.get("command") == command else None
+
+
+def designed_gates(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{dataset: {expert: mean level-2 weight on its test split}}; {} without a learned fusion."""
+    gates: dict[str, dict[str, float]] = {}
+    for dataset in DATASETS:
+        weights = [r["gate"] for r in rows if r["dataset"] == dataset and r["gate"]]
+        if weights:
+            gates[dataset] = {e: sum(w[e] for w in weights) / len(weights) for e in weights[0]}
+    return gates
+
+
+def format_table(rows: list[dict], steps: int) -> str:
+    lines = [
+        f"{steps} steps, one CPU process, final model, test splits (128 samples each), constrained decoding",
+        "| variant | "
+        + " | ".join(f"{d} {HEADLINE[d]} ({DESIGNED_FOR[d]})" for d in DATASETS)
+        + " | designed expert's gate (cls_en, cls_zh, reg_en) | time |",
+        "|---|" + "---|" * len(DATASETS) + "---|---|",
+    ]
+    for row in rows:
+        scores = " | ".join(f"{row['scores'][d]:.3f}" for d in DATASETS)
+        gates = ", ".join(
+            f"{row['gates'][d].get(DESIGNED_FOR[d], float('nan')):.2f}" if d in row["gates"] else "-"
+            for d in DATASETS[:3]
+        )
+        lines.append(f"| {row['variant']} | {scores} | {gates} | {row['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=1600, help="optimizer steps per variant")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--work-dir", help="shards, tiny LLM and runs go here (default: a temporary folder)")
+    parser.add_argument("--override", action="append", default=[], help="--section.key=value for every variant")
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    with tempfile.TemporaryDirectory() as scratch:
+        work_dir = args.work_dir or scratch
+        splits = [(d, s) for d in DATASETS for s in ("train", "valid", "test")]
+        build_demo_assets(os.path.join(work_dir, "shards"), splits, os.path.join(work_dir, "tiny-llm"))
+        rows = []
+        for name in args.variants.split(","):
+            rows.append(train_variant(name, VARIANTS[name], work_dir, args))
+            print(f"{name}: {rows[-1]['scores']} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(format_table(rows, args.steps))
+    write_results(args.json, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
