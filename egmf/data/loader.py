@@ -63,6 +63,11 @@ class _BadSampleTotal:
         return sum(self.by_worker.values())
 
 
+def batches_per_epoch(samples: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches each rank yields per epoch of `samples` training samples (at least one)."""
+    return max(1, math.ceil(samples / (batch_size * world_size)))
+
+
 class TrainLoader:
     """Mixed, resampled training batches; every rank yields exactly `len(self)` per epoch."""
 
@@ -71,7 +76,7 @@ class TrainLoader:
         self.manifests = [load_manifest(cfg.root, name, "train") for name in cfg.train]
         self.weights = list(cfg.train.values())
         samples = cfg.samples_per_epoch or sum(m.num_samples for m in self.manifests)
-        self.steps_per_epoch = max(1, math.ceil(samples / (cfg.batch_size * world_size)))
+        self.steps_per_epoch = batches_per_epoch(samples, cfg.batch_size, world_size)
         self.epoch, self.step = 0, 0
         self.snapshots: dict[int, dict] = {}
         self.reseed = 0

@@ -37,7 +37,7 @@ import traceback
 from egmf.config import describe_tree
 from egmf.errors import ConfigError
 from egmf.train.config import Config, load_config
-from egmf.train.plan import format_plan, make_plan, plan_problems
+from egmf.train.plan import device_memory_gb, format_plan, make_plan, plan_problems
 from egmf.train.run_markers import clear_failures, failed_ranks, failure_notes, write_failure
 from egmf.train.stop_signal import StopSignal
 
@@ -115,7 +115,7 @@ def show_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
-    plan = make_plan(cfg, world_size)
+    plan = make_plan(cfg, world_size, device_memory_gb())
     print(json.dumps(plan.as_json(), indent=2) if args.json else format_plan(plan))
     refuse_degenerate_schedule(plan, cfg)
     return 0

@@ -15,10 +15,10 @@ allocator fragmentation and DeepSpeed's communication buckets.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
+from egmf.data.loader import batches_per_epoch
 from egmf.datasets import DEMO_DATASETS
 from egmf.demo_assets import DEMO_SIZES
 from egmf.errors import ConfigError, DataError
@@ -172,12 +172,13 @@ def device_memory_gb() -> float | None:
     return None
 
 
-def make_plan(cfg, world_size: int) -> Plan:
+def make_plan(cfg, world_size: int, device_memory: float | None = None) -> Plan:
+    """`device_memory`: GB of the device the plan is shown beside (`device_memory_gb()`, --plan only: a run's start
+    must not touch CUDA before each rank has picked its device)."""
     cfg = fit_to_world(cfg, world_size)
     samples, sizes_from = train_sizes(cfg)
     per_epoch = cfg.data.samples_per_epoch or samples
-    micro_batches = max(1, math.ceil(per_epoch / (cfg.data.batch_size * world_size)))
-    steps = plan_steps(cfg, micro_batches)
+    steps = plan_steps(cfg, batches_per_epoch(per_epoch, cfg.data.batch_size, world_size))
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world_size
     seq_len = PROMPT_TOKENS + cfg.prompt.max_text_tokens + (0 if cfg.prompt.text_only else cfg.fusion.num_pseudo_tokens)
     shape, model_from = model_shape(cfg.llm.path)
@@ -195,7 +196,7 @@ def make_plan(cfg, world_size: int) -> Plan:
         tokens_per_step=global_batch * seq_len,
         memory_gb_per_device=memory_gb(shape, cfg, world_size, seq_len) if shape else None,
         model_from=model_from,
-        device_memory_gb=device_memory_gb(),
+        device_memory_gb=device_memory,
     )
 
 
