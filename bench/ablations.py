@@ -74,7 +74,7 @@ def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse
         seconds = time.perf_counter() - start
         write_json(os.path.join(out, VARIANT_RECORD), {"command": command, "seconds": seconds})
     with open(os.path.join(out, "final_metrics.json")) as f:
-        metrics = json.load(f)["metrics"]
+        metrics = json.load(f)["last"]
     with open(os.path.join(out, "predictions", "final", "test.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {

@@ -126,7 +126,7 @@ def train(env: dict, args: argparse.Namespace, folder: str, mlflow_installed: bo
         "loss_last_window": float(windows[-1][1]) if windows else None,
         "samples_per_s_per_device": float(windows[-1][2]) if windows else None,
         "tokens_per_s_per_device": int(windows[-1][3]) if windows else None,
-        "test_metrics": {k: v for k, v in final.get("metrics", {}).items() if "/test/" in k and "constrained" in k},
+        "test_metrics": {k: v for k, v in final.get("last", {}).items() if "/test/" in k and "constrained" in k},
     }
     return result
 

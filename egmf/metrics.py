@@ -32,8 +32,8 @@ def score(dataset: str, predictions: Sequence, targets: Sequence) -> dict[str, f
         return classification_metrics(predictions, targets, spec.labels)
     if any(p is None for p in predictions):
         raise ValueError(
-            f"{dataset}: regression predictions hold None (unparseable answers); count and drop "
-            "them before scoring, or use constrained decoding"
+            f"{dataset}: regression predictions hold None (unparseable answers); score them as errors first "
+            "(egmf.train.evaluation.scored_prediction), or use constrained decoding"
         )
     preds, truth = np.asarray(predictions, dtype=np.float64), np.asarray(targets, dtype=np.float64)
     return mosei_metrics(preds, truth) if spec.label_range[1] == 3.0 else sims_metrics(preds, truth)

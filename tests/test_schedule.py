@@ -1,5 +1,5 @@
 """Schedules that hold at any device count: the global batch fixes gradient accumulation (or names what would
-work), warm-up as a share of the run, evaluations and checkpoints per epoch."""
+work), warm-up as a share of the run, evaluations and checkpoints per epoch or per N samples."""
 
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ def test_ratios_and_per_epoch_intervals_scale_with_the_run():
         "--train.epochs=3",
         "--optim.grad_accum=2",
     )
-    plan = plan_steps(cfg, batches_per_epoch=101)  # 51 optimizer steps per epoch
+    plan = plan_steps(cfg, batches_per_epoch=101, world_size=1)  # 51 optimizer steps per epoch
     assert (plan.steps_per_epoch, plan.total_steps) == (51, 153)
     assert (plan.warmup_steps, plan.eval_every, plan.checkpoint_every) == (15, 25, 51)
-    small = plan_steps(cfg, batches_per_epoch=2)  # one step per epoch: intervals never fall below one step
+    small = plan_steps(cfg, batches_per_epoch=2, world_size=1)  # one step per epoch: intervals of at least one step
     assert (small.total_steps, small.warmup_steps, small.eval_every, small.checkpoint_every) == (3, 0, 1, 1)
     assert "153 optimizer steps (51 per epoch)" in plan.describe() and "evaluation every 25 steps" in plan.describe()
 
@@ -66,6 +66,7 @@ def test_step_counts_stay_possible():
             "--eval.every=10",
         ),
         500,
+        1,
     )
     assert (plan.total_steps, plan.warmup_steps, plan.eval_every) == (40, 39, 10)
 
@@ -73,7 +74,21 @@ def test_step_counts_stay_possible():
 def test_an_interval_is_set_once():
     with pytest.raises(ConfigError) as caught:
         config("--eval.every=5", "--eval.per_epoch=2", "--checkpoint.every=5", "--checkpoint.per_epoch=1")
-    assert "set one of eval.every (5) and eval.per_epoch (2)" in str(caught.value)
-    assert "checkpoint.every (5) and checkpoint.per_epoch (1)" in str(caught.value)
+    assert "set one of eval.every (5), eval.per_epoch (2), not several" in str(caught.value)
+    assert "checkpoint.every (5), checkpoint.per_epoch (1)" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"eval.per_epoch \(2\), eval.every_samples \(640\), not several"):
+        config("--eval.every=0", "--eval.per_epoch=2", "--eval.every_samples=640")
     with pytest.raises(ConfigError, match=r"optim.warmup_ratio must be"):
         config("--optim.warmup_ratio=1.5")
+
+
+@pytest.mark.parametrize("world_size", [1, 8, 16])
+def test_intervals_in_samples_hold_at_any_device_count(world_size):
+    """The same global batch at every device count (grad_accum follows), so an interval in samples is the same
+    number of steps; the time-based checkpoint is shown in the schedule."""
+    overrides = ["--optim.global_batch=64", "--data.batch_size=4", "--eval.per_epoch=0", "--checkpoint.per_epoch=0"]
+    overrides += ["--eval.every_samples=3200", "--checkpoint.every_samples=1000", "--checkpoint.every_minutes=30"]
+    cfg = fit_to_world(config(*overrides), world_size)
+    plan = plan_steps(cfg, batches_per_epoch=16000 // (4 * world_size), world_size=world_size)
+    assert (plan.steps_per_epoch, plan.eval_every, plan.checkpoint_every) == (250, 50, 16)  # 1000 / 64 rounds to 16
+    assert "checkpoint every 16 steps and every 30 min" in plan.describe()

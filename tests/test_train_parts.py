@@ -16,7 +16,7 @@ from egmf.errors import ConfigError
 from egmf.train import main as train_entry
 from egmf.train.config import load_config
 from egmf.train.ds_config import resolve_ds_config
-from egmf.train.evaluation import PredictionRow, score_rows, selection_score
+from egmf.train.evaluation import PredictionRow, score_rows, scored_prediction, selection_score
 from egmf.train.optim import WarmupCosine, param_groups
 from egmf.train.stop_signal import StopSignal
 
@@ -172,19 +172,36 @@ def test_scores_and_selection():
         row("demo_cls_en", "generate", "joy", "joy", 0),
         row("demo_cls_en", "generate", "anger", None, 1),  # unparseable counts as wrong
         row("demo_reg_en", "generate", 1.0, 0.5, 0),
-        row("demo_reg_en", "generate", -1.0, None, 1),  # unparseable is left out of regression metrics
+        row("demo_reg_en", "generate", -1.0, None, 1),  # unparseable: scored as +3, the farthest end of [-3, 3]
         row("demo_reg_en", "generate", 2.0, 1.0, 2),
     ]
     results = score_rows(rows)
     assert results["demo_cls_en"]["generate"]["acc"] == 0.5
     assert results["demo_cls_en"]["generate"]["unparseable"] == 1
-    assert results["demo_reg_en"]["generate"]["mae"] == pytest.approx(0.75)
+    assert results["demo_reg_en"]["generate"]["mae"] == pytest.approx((0.5 + 4.0 + 1.0) / 3)
+    assert results["demo_reg_en"]["generate"]["has0_acc2"] == pytest.approx(2 / 3)  # on the wrong side of 0
     assert results["demo_reg_en"]["generate"]["samples"] == 3
+    assert results["demo_reg_en"]["generate"]["unparseable"] == 1
     eval_cfg = load_config(None, ["--eval.select_mode=generate"]).eval
     wf1 = results["demo_cls_en"]["generate"]["wf1"]
-    assert selection_score(results, eval_cfg, ["demo_cls_en", "demo_reg_en"]) == pytest.approx((wf1 - 0.75) / 2)
+    mae = results["demo_reg_en"]["generate"]["mae"]
+    assert selection_score(results, eval_cfg, ["demo_cls_en", "demo_reg_en"]) == pytest.approx((wf1 - mae) / 2)
     eval_cfg.select = {"demo_reg_en/mae": -2.0}
-    assert selection_score(results, eval_cfg, ["demo_cls_en", "demo_reg_en"]) == pytest.approx(-1.5)
+    assert selection_score(results, eval_cfg, ["demo_cls_en", "demo_reg_en"]) == pytest.approx(-2 * mae)
+    assert scored_prediction("demo_reg_zh", row("demo_reg_zh", "generate", 0.4, None)) == -1.0
+    assert scored_prediction("demo_reg_zh", row("demo_reg_zh", "generate", 0.0, None)) == -1.0  # a tie: either end
+    assert scored_prediction("demo_reg_zh", row("demo_reg_zh", "generate", 0.4, 0.2)) == 0.2
+
+
+def test_the_test_split_stays_out_of_periodic_evaluation_unless_asked():
+    eval_cfg = load_config(None).eval
+    assert eval_cfg.splits_in_training() == ["valid"] and eval_cfg.splits == ["valid", "test"]
+    assert load_config(None, ["--eval.periodic_splits=['valid', 'test']"]).eval.splits_in_training() == [
+        "valid",
+        "test",
+    ]
+    with pytest.raises(ConfigError, match=r"eval.periodic_splits \['test'\] must hold eval.select_split valid"):
+        load_config(None, ["--eval.periodic_splits=['test']"])
     assert selection_score({}, eval_cfg, ["demo_reg_en"]) == -math.inf
 
 

@@ -101,13 +101,22 @@ def test_mlflow_run_contents(two_rank_run):
             assert metrics[f"eval/{split}/{dataset}/constrained/unparseable"] == 0
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "eval/valid/demo_cls_en/constrained/acc")}
     assert steps == {8, STEPS}  # periodic and final
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "eval/test/demo_cls_en/constrained/acc")}
+    assert steps == {STEPS}  # the periodic evaluation does not score the test split
+    final = json.load(open(os.path.join(out, "final_metrics.json")))
+    for dataset in DATASETS:  # the reported numbers: the best model's, on both splits
+        for split in ("valid", "test"):
+            key = f"final/{split}/{dataset}/constrained/samples"
+            assert metrics[key] == final["reported"][key] > 0, key
+    assert tags["selection"] == f"step {final['best_step']} of {STEPS}, on {final['selected_on']}"
+    assert final["selected_on"].startswith("valid (constrained): 0.25 demo_cls_en/wf1")
     assert any(key.startswith("system/") for key in metrics)  # system metrics monitor
     artifacts = set(all_artifacts(client, run.info.run_id))
     for path in (
         "config/config.json",
         "config/ds_config.json",
-        "predictions/valid.jsonl",
-        "predictions/test.jsonl",
+        "predictions/final/valid.jsonl",
+        "predictions/final/test.jsonl",
         "plots/test/demo_cls_en_confusion.png",
         "plots/valid/demo_reg_zh_scatter.png",
         "best_model/fusion.safetensors",
@@ -151,7 +160,7 @@ def test_evaluate_a_checkpoint_alone(two_rank_run, tmp_path):
     code = evaluate_main.main(["--checkpoint", ckpt, "--out", str(tmp_path), "--modes", "constrained"])
     assert code == 0
     alone = json.load(open(tmp_path / "metrics.json"))
-    in_training = json.load(open(os.path.join(out, "final_metrics.json")))["metrics"]
+    in_training = json.load(open(os.path.join(out, "final_metrics.json")))["last"]
     assert alone and all(k.split("/")[3] == "constrained" for k in alone)
     for key, value in alone.items():
         assert value == pytest.approx(in_training[key], abs=1e-6), key
@@ -172,6 +181,9 @@ def test_evaluate_the_best_model_on_the_test_split(two_rank_run, tmp_path):
     assert {r["split"] for r in rows} == {"test"} and {r["mode"] for r in rows} == {"constrained", "generate"}
     training = os.path.join(out, "predictions", "final")
     assert sorted(os.listdir(training)) == ["metrics.json", "test.jsonl", "valid.jsonl"]
+    reported = json.load(open(os.path.join(out, "final_metrics.json")))["reported"]
+    for key, value in metrics.items():  # the run's reported test numbers are the best model's
+        assert reported["final/" + key.removeprefix("eval/")] == pytest.approx(value, abs=1e-6), key
 
 
 def test_sigterm_ends_the_run_killed(train_shards, tiny_llm, tmp_path):
@@ -246,8 +258,8 @@ def test_one_process_trains_like_two_ranks(two_rank_run, train_shards, tiny_llm,
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     late = range(STEPS - 3, STEPS + 1)
     assert sum(one[s] for s in late) == pytest.approx(sum(two[s] for s in late), rel=0.15)
-    metrics_one = json.load(open(os.path.join(out, "final_metrics.json")))["metrics"]
-    metrics_two = json.load(open(os.path.join(reference, "final_metrics.json")))["metrics"]
+    metrics_one = json.load(open(os.path.join(out, "final_metrics.json")))["last"]
+    metrics_two = json.load(open(os.path.join(reference, "final_metrics.json")))["last"]
     reported = {key for key in metrics_two if key.startswith("eval/test/")}
     assert reported and reported <= set(metrics_one)
     for dataset in DATASETS:

@@ -28,22 +28,30 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
             "--data.num_workers=0",
             "--eval.batch_size=24",
             "--mlflow.system_metrics=false",
+            "--checkpoint.every_minutes=0.0001",  # the clock asks for a save after every step
+            "--checkpoint.keep_last=3",
             *SMALL_EVAL,
         ]
     )
     assert code == 0
     assert not dist.is_initialized()  # main() leaves no process group behind
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_00000002"
+    saved = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step_"))
+    assert saved == ["step_00000001", "step_00000002"]  # step 1: by the clock (the recipe saves every 400 steps)
     final = json.load(open(os.path.join(out, "final_metrics.json")))
     assert final["step"] == 2 and final["best_step"] == 2
-    assert final["metrics"]["eval/test/demo_cls_en/constrained/samples"] == 24
+    assert final["last"]["eval/test/demo_cls_en/constrained/samples"] == 24
+    assert final["reported"]["final/test/demo_cls_en/constrained/samples"] == 24  # chosen on test here (SMALL_EVAL)
+    assert final["selected_on"] == "test (constrained): 1 demo_cls_en/wf1"
     evaluation = os.path.join(out, "predictions", "final")
     assert sorted(os.listdir(evaluation)) == ["metrics.json", "test.jsonl"]
     assert len(open(os.path.join(evaluation, "test.jsonl")).readlines()) == 24
     assert os.path.isfile(os.path.join(out, "best", "best.json"))
     client, run = only_run(out)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["schedule"].startswith("2 optimizer steps") and run.data.params["optim.grad_accum"] == "2"
+    schedule = run.data.tags["schedule"]
+    assert schedule.startswith("2 optimizer steps") and "every 0.0001 min" in schedule
+    assert run.data.params["optim.grad_accum"] == "2"
     assert {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")} == {1, 2}
     metrics = run.data.metrics  # the gate telemetry of every window and evaluation
     experts = ("local", "semantic", "global")

@@ -101,13 +101,19 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
-    """Evaluate every this many optimizer steps (0: only at the end; see per_epoch)."""
+    """Evaluate every this many optimizer steps (0: only at the end; see per_epoch and every_samples)."""
     per_epoch: int = 0
     """> 0: evaluate this many times per epoch instead of every `every` steps (holds at any device count)."""
+    every_samples: int = 0
+    """> 0: evaluate every this many training samples (rounded to whole optimizer steps; holds at any device count)."""
     final: bool = True
-    """Evaluate the final model on every split in `splits` at the end (false: only the periodic evaluations)."""
+    """Evaluate the last model on every split in `splits` at the end (false: only the periodic evaluations)."""
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
-    """Splits to evaluate: valid and/or test."""
+    """Splits evaluated at the end: the last model on each, and the best model once on every split but
+    select_split (the run's reported numbers, final/SPLIT/...)."""
+    periodic_splits: list[str] = field(default_factory=list)
+    """Splits the periodic evaluations score; empty: select_split alone (the validation split by default), so
+    that the test split steers neither the choice of the best model nor early stopping."""
     modes: list[str] = field(default_factory=lambda: list(DECODING_MODES))
     """Decoding modes: 'constrained' (scored candidates, never unparseable) and/or 'generate' (free text)."""
     batch_size: int = 0
@@ -131,6 +137,10 @@ class EvalConfig:
             found.append(f"eval.modes must name some of {', '.join(DECODING_MODES)}, got {self.modes}")
         if self.select_split not in self.splits:
             found.append(f"eval.select_split {self.select_split!r} must be one of eval.splits {self.splits}")
+        if any(s not in SPLITS for s in self.periodic_splits):
+            found.append(f"eval.periodic_splits must name some of {', '.join(SPLITS)}, got {self.periodic_splits}")
+        elif self.periodic_splits and self.select_split not in self.periodic_splits:
+            found.append(f"eval.periodic_splits {self.periodic_splits} must hold eval.select_split {self.select_split}")
         if self.select_mode not in self.modes:
             found.append(f"eval.select_mode {self.select_mode!r} must be one of eval.modes {self.modes}")
         for key in self.select:
@@ -139,32 +149,48 @@ class EvalConfig:
                 found.append(f"eval.select key {key!r} must be 'DATASET/METRIC' with DATASET in data.eval")
             elif metric not in metric_names(dataset):
                 found.append(f"eval.select key {key!r}: {dataset} has the metrics {', '.join(metric_names(dataset))}")
-        found += range_problems("eval", self, ("every", "per_epoch", "batch_size", "patience"), low=0)
-        if self.every and self.per_epoch:
-            found.append(f"set one of eval.every ({self.every}) and eval.per_epoch ({self.per_epoch}), not both")
+        found += range_problems("eval", self, ("every", "per_epoch", "every_samples", "batch_size", "patience"), low=0)
+        found += one_interval_problems("eval", self)
         found += range_problems("eval", self, ["max_new_tokens"], low=1)
         return found
+
+    def splits_in_training(self) -> list[str]:
+        """The splits each periodic evaluation scores."""
+        return self.periodic_splits or [self.select_split]
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 0
-    """Save every this many optimizer steps (0: only at the end and when stopped; see per_epoch)."""
+    """Save every this many optimizer steps (0: only at the end and when stopped; see per_epoch, every_samples)."""
     per_epoch: int = 0
     """> 0: save this many times per epoch instead of every `every` steps."""
+    every_samples: int = 0
+    """> 0: save every this many training samples (rounded to whole optimizer steps)."""
+    every_minutes: float = 0.0
+    """> 0: also save when this many minutes have passed since the last save, so that a long epoch on a
+    preemptible cluster never loses more than this (checked after every optimizer step)."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: str = "auto"
     """'auto': continue from the latest complete checkpoint in train.output_dir if any; 'never'; or a checkpoint dir."""
 
     def problems(self) -> list[str]:
-        found = range_problems("checkpoint", self, ("every", "per_epoch"), low=0)
-        if self.every and self.per_epoch:
-            found.append(f"set one of checkpoint.every ({self.every}) and checkpoint.per_epoch ({self.per_epoch})")
+        found = range_problems("checkpoint", self, ("every", "per_epoch", "every_samples", "every_minutes"), low=0)
+        found += one_interval_problems("checkpoint", self)
         found += range_problems("checkpoint", self, ["keep_last"], low=1)
         if not self.resume:
             found.append("checkpoint.resume must be 'auto', 'never' or a checkpoint folder")
         return found
+
+
+INTERVALS = ("every", "per_epoch", "every_samples")
+
+
+def one_interval_problems(section: str, settings) -> list[str]:
+    """Steps, times per epoch and samples are three ways to say one interval: at most one may be set."""
+    chosen = [f"{section}.{name} ({getattr(settings, name)})" for name in INTERVALS if getattr(settings, name)]
+    return [f"set one of {', '.join(chosen)}, not several"] if len(chosen) > 1 else []
 
 
 @dataclass

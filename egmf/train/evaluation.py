@@ -85,12 +85,21 @@ def score_rows(rows: list[PredictionRow]) -> dict[str, dict[str, dict[str, float
     results: dict[str, dict[str, dict[str, float]]] = {}
     for (dataset, mode), group in grouped.items():
         unparseable = sum(r.prediction is None for r in group)
-        # Unparseable answers count as wrong for classes; scores cannot be scored without a number.
-        scored = [r for r in group if r.prediction is not None or get_spec(dataset).task == CLASSIFICATION]
-        metrics = score(dataset, [r.prediction for r in scored], [r.target for r in scored]) if scored else {}
+        predictions = [scored_prediction(dataset, r) for r in group]
+        metrics = score(dataset, predictions, [r.target for r in group])
         metrics.update(unparseable=unparseable, samples=len(group))
         results.setdefault(dataset, {})[mode] = metrics
     return results
+
+
+def scored_prediction(dataset: str, row: PredictionRow) -> str | float | None:
+    """What an answer counts as in the metrics. An unparseable answer is an error, never dropped: for a class it
+    stays None, which matches no label; for a score it is the end of the dataset's range farthest from the true
+    score, the largest error an answer in range can make (so it also lands on the wrong side in Acc-2)."""
+    if row.prediction is not None or get_spec(dataset).task == CLASSIFICATION:
+        return row.prediction
+    low, high = get_spec(dataset).label_range
+    return low if row.target - low >= high - row.target else high
 
 
 def mean_gates(rows: list[PredictionRow], mode: str) -> dict[str, dict[str, float]]:
@@ -131,6 +140,13 @@ def selection_score(results: dict, cfg: EvalConfig, datasets: list[str]) -> floa
     return total
 
 
+def describe_selection(cfg: EvalConfig, datasets: list[str]) -> str:
+    """How the best model is chosen, in words: 'valid (constrained): 0.5 meld/wf1 - 0.5 mosei/mae'."""
+    weights = cfg.select or default_selection(datasets)
+    terms = [f"{'-' if w < 0 else '+'} {abs(w):g} {key}" for key, w in weights.items()]
+    return f"{cfg.select_split} ({cfg.select_mode}): " + " ".join(terms).removeprefix("+ ")
+
+
 def flat_metrics(results: dict, split: str, prefix: str = "eval") -> dict[str, float]:
     """MLflow keys: eval/SPLIT/DATASET/MODE/METRIC."""
     return {
@@ -140,6 +156,16 @@ def flat_metrics(results: dict, split: str, prefix: str = "eval") -> dict[str, f
         for name, value in metrics.items()
         if not (isinstance(value, float) and math.isnan(value))
     }
+
+
+def read_rows(folder: str) -> list[PredictionRow]:
+    """The prediction rows of every SPLIT.jsonl that `write_evaluation` wrote to `folder`."""
+    rows = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                rows += [PredictionRow(**json.loads(line)) for line in f]
+    return rows
 
 
 def write_evaluation(folder: str, rows: list[PredictionRow], metrics: dict[str, float]) -> None:

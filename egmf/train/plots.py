@@ -55,17 +55,18 @@ def scatter_figure(dataset: str, rows: list[PredictionRow]):
     return fig
 
 
-def evaluation_figures(rows: list[PredictionRow], mode: str):
-    """(artifact file, figure) per dataset and split, for one decoding mode; close them after logging."""
+def evaluation_figures(rows: list[PredictionRow], mode: str, folder: str = "plots"):
+    """(artifact file under `folder`, figure) per dataset and split, for one decoding mode; close them after
+    logging."""
     grouped: dict[tuple[str, str], list[PredictionRow]] = {}
     for row in rows:
         if row.mode == mode:
             grouped.setdefault((row.split, row.dataset), []).append(row)
     for (split, dataset), group in sorted(grouped.items()):
         if get_spec(dataset).task == CLASSIFICATION:
-            yield f"plots/{split}/{dataset}_confusion.png", confusion_figure(dataset, group)
+            yield f"{folder}/{split}/{dataset}_confusion.png", confusion_figure(dataset, group)
         else:
-            yield f"plots/{split}/{dataset}_scatter.png", scatter_figure(dataset, group)
+            yield f"{folder}/{split}/{dataset}_scatter.png", scatter_figure(dataset, group)
 
 
 def gate_history_figure(history: list, split: str):

@@ -1,14 +1,15 @@
 """The run's schedule in optimizer steps, from settings that hold at any number of devices.
 
     cfg = fit_to_world(cfg, world_size)              # grad_accum from optim.global_batch, before DeepSpeed
-    plan = plan_steps(cfg, batches_per_epoch)        # total, warm-up, evaluation and checkpoint steps
+    plan = plan_steps(cfg, batches_per_epoch, world_size)   # total, warm-up, evaluation and checkpoint steps
 
 A recipe written in steps trains a different schedule on 16 GPUs than on one:
 the global batch grows with the device count, so the same epochs are fewer
 steps, while a warm-up or an evaluation interval in steps stays put (on 16
 GPUs a 200-step warm-up can be most of the run, and an evaluation every 500
-steps may never come). optim.global_batch, optim.warmup_ratio, eval.per_epoch
-and checkpoint.per_epoch are the same at every device count.
+steps may never come). optim.global_batch, optim.warmup_ratio, eval.per_epoch,
+eval.every_samples and their checkpoint.* twins are the same at every device
+count; checkpoint.every_minutes is kept by the trainer's clock.
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ class StepPlan:
     warmup_steps: int
     eval_every: int
     checkpoint_every: int
+    checkpoint_minutes: float = 0.0
 
     def describe(self) -> str:
+        checkpoint = interval(self.checkpoint_every)
+        if self.checkpoint_minutes:
+            checkpoint += f" and every {self.checkpoint_minutes:g} min"
         return (
             f"{self.total_steps} optimizer steps ({self.steps_per_epoch} per epoch), warm-up {self.warmup_steps}, "
-            f"evaluation {interval(self.eval_every)}, checkpoint {interval(self.checkpoint_every)}"
+            f"evaluation {interval(self.eval_every)}, checkpoint {checkpoint}"
         )
 
 
@@ -64,8 +69,9 @@ def interval(steps: int) -> str:
     return f"every {steps} steps" if steps else "at the end"
 
 
-def plan_steps(cfg, batches_per_epoch: int) -> StepPlan:
+def plan_steps(cfg, batches_per_epoch: int, world_size: int) -> StepPlan:
     """`batches_per_epoch`: micro-batches per rank and epoch (the train loader's length)."""
+    global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world_size
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.optim.grad_accum))
     total = cfg.train.steps or cfg.train.epochs * steps_per_epoch
     if cfg.optim.warmup_ratio:
@@ -76,9 +82,20 @@ def plan_steps(cfg, batches_per_epoch: int) -> StepPlan:
         total_steps=total,
         steps_per_epoch=steps_per_epoch,
         warmup_steps=min(warmup, max(0, total - 1)),
-        eval_every=per_epoch_interval(cfg.eval.per_epoch, steps_per_epoch) or cfg.eval.every,
-        checkpoint_every=per_epoch_interval(cfg.checkpoint.per_epoch, steps_per_epoch) or cfg.checkpoint.every,
+        eval_every=event_interval(cfg.eval, steps_per_epoch, global_batch),
+        checkpoint_every=event_interval(cfg.checkpoint, steps_per_epoch, global_batch),
+        checkpoint_minutes=cfg.checkpoint.every_minutes,
     )
+
+
+def event_interval(settings, steps_per_epoch: int, global_batch: int) -> int:
+    """Optimizer steps between evaluations (cfg.eval) or saves (cfg.checkpoint), from whichever of per_epoch,
+    every_samples and every is set (the configuration allows one); 0: only at the end."""
+    if settings.per_epoch:
+        return per_epoch_interval(settings.per_epoch, steps_per_epoch)
+    if settings.every_samples:
+        return max(1, round(settings.every_samples / global_batch))
+    return settings.every
 
 
 def per_epoch_interval(times: int, steps_per_epoch: int) -> int:

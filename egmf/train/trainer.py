@@ -12,6 +12,7 @@ ranks and lead to a collective on one rank only is a hang.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,7 +35,15 @@ from egmf.tracking import flatten, open_tracker, write_run_record
 from egmf.train import checkpoint
 from egmf.train.config import Config
 from egmf.train.ds_config import offloads_optimizer, precision_name
-from egmf.train.evaluation import evaluate, flat_metrics, mean_gates, selection_score, write_evaluation
+from egmf.train.evaluation import (
+    describe_selection,
+    evaluate,
+    flat_metrics,
+    mean_gates,
+    read_rows,
+    selection_score,
+    write_evaluation,
+)
 from egmf.train.optim import build_optimizer, build_scheduler, param_groups
 from egmf.train.preflight import feature_dims, feature_stats, splits_read
 from egmf.train.schedule import plan_steps
@@ -87,10 +96,12 @@ class Trainer:
     def __init__(self, cfg: Config, ds_config: dict, world: WorldInfo, device: torch.device, stop_requested=None):
         self.cfg, self.ds_config, self.world, self.device = cfg, ds_config, world, device
         self.stop_requested = stop_requested or (lambda: False)
-        """True once this rank was asked to stop (SIGTERM, SIGUSR1); `stop_agreed` shares it with every rank."""
+        """True once this rank was asked to stop (SIGTERM, SIGUSR1); `agreed_flags` shares it with every rank."""
         self.output_dir = cfg.train.output_dir
         self.state = RunState()
         self.saved_step = -1
+        self.last_save_time = time.monotonic()
+        """When this process last saved (or started): checkpoint.every_minutes counts from it."""
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -104,7 +115,7 @@ class Trainer:
         self.expert_names = list(model.fusion.cfg.experts) if model.fusion is not None else []
         optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, offloads_optimizer(self.ds_config))
         self.loader = TrainLoader(cfg.data, self.world.rank, self.world.world_size)
-        self.plan = plan_steps(cfg, len(self.loader))
+        self.plan = plan_steps(cfg, len(self.loader), self.world.world_size)
         self.total_steps = self.plan.total_steps
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, self.plan.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -206,7 +217,8 @@ class Trainer:
             if step % self.cfg.train.log_every == 0 or step == self.total_steps:
                 self.log_window(window, progress)
             paused = time.perf_counter()  # evaluation and saving do not count against throughput
-            if self.stop_agreed():
+            stop, save_due = self.agreed_flags()
+            if stop:
                 self.save()
                 progress.close()
                 if self.world.is_logging_rank:
@@ -219,7 +231,8 @@ class Trainer:
                 progress.close()
                 logger.info("stopped at step %d as train.stop_at_step asks; run again to resume", step)
                 return "stopped"
-            if self.plan.checkpoint_every and step % self.plan.checkpoint_every == 0 and step < self.total_steps:
+            on_schedule = self.plan.checkpoint_every and step % self.plan.checkpoint_every == 0
+            if (on_schedule or save_due) and step < self.total_steps:
                 self.save()
             window.start += time.perf_counter() - paused
         progress.close()
@@ -227,12 +240,16 @@ class Trainer:
         self.final_evaluation()
         return "finished"
 
-    def stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop: every rank must leave the loop at the same step."""
-        flag = torch.tensor([float(self.stop_requested())], device=self.device)  # NCCL reduces GPU tensors only
+    def agreed_flags(self) -> tuple[bool, bool]:
+        """(stop, save_due), the same on every rank: whether any rank was asked to stop, and whether any rank's
+        clock says checkpoint.every_minutes have passed since the last save. Every rank must leave the loop, and
+        enter a save's collectives, at the same step."""
+        minutes = self.cfg.checkpoint.every_minutes
+        due = bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
+        flags = torch.tensor([float(self.stop_requested()), float(due)], device=self.device)  # NCCL: GPU tensors
         if self.world.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
 
     def batches(self):
         """Training batches across epoch boundaries."""
@@ -338,21 +355,29 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
 
-    def run_evaluation(self, tag: str) -> tuple[dict, list]:
-        """Every configured split, all modes; rank 0 logs metrics and writes predictions under predictions/TAG/."""
+    def run_evaluation(self, tag: str, splits: list[str], prefix: str = "eval") -> tuple[dict, list, dict]:
+        """(results by split, prediction rows, MLflow metrics) of `splits` in every mode; rank 0 logs the metrics as
+        PREFIX/SPLIT/DATASET/MODE/METRIC and writes the predictions under predictions/TAG/ (other ranks: empty)."""
         all_metrics, all_rows, by_split = {}, [], {}
-        for split in self.cfg.eval.splits:
+        for split in splits:
             results, rows = evaluate(self.engine.module, self.cfg, split, self.world)
             by_split[split] = results
-            all_metrics.update(flat_metrics(results, split))
+            all_metrics.update(flat_metrics(results, split, prefix))
             all_rows += rows
         if self.world.is_logging_rank:
             self.tracker.log_metrics(all_metrics, self.state.step)
             write_evaluation(os.path.join(self.output_dir, PREDICTIONS, tag), all_rows, all_metrics)
-            self.state.metrics = all_metrics
-            logger.info("evaluation at step %d: %s", self.state.step, headline(by_split, self.cfg.eval.select_mode))
-            self.log_evaluation_gates(all_rows)
-        return by_split, all_rows
+            logger.info("%s at step %d: %s", tag, self.state.step, headline(by_split, self.cfg.eval.select_mode))
+        return by_split, all_rows, all_metrics
+
+    def evaluate_model_in_training(self, tag: str, splits: list[str]) -> dict:
+        """An evaluation of the weights being trained: metrics and gates logged, a candidate for the best model."""
+        by_split, rows, metrics = self.run_evaluation(tag, splits)
+        if self.world.is_logging_rank:
+            self.state.metrics = metrics
+            self.log_evaluation_gates(rows)
+            self.maybe_keep_best(by_split)
+        return by_split
 
     def log_evaluation_gates(self, rows: list) -> None:
         """Rank 0: the mean level-2 gate per split and dataset (gate_eval/SPLIT/DATASET/EXPERT), and a plot of the
@@ -374,11 +399,11 @@ class Trainer:
             plt.close(figure)
 
     def periodic_evaluation(self) -> bool:
-        """Evaluate, keep the best model; True when early stopping says to stop (the same on every rank)."""
-        by_split, _ = self.run_evaluation(checkpoint.step_name(self.state.step))
+        """Evaluate eval.periodic_splits (by default the selection split alone, valid), keep the best model; True
+        when early stopping says to stop (the same on every rank)."""
+        self.evaluate_model_in_training(checkpoint.step_name(self.state.step), self.cfg.eval.splits_in_training())
         stop = [False]
         if self.world.is_logging_rank:
-            self.maybe_keep_best(by_split)
             patience = self.cfg.eval.patience
             stop[0] = bool(patience and self.state.evals_without_improvement >= patience)
             if stop[0]:
@@ -406,33 +431,77 @@ class Trainer:
             )
 
     def final_evaluation(self) -> None:
-        """Evaluate the final weights (unless eval.final is false), then record the run as complete."""
-        rows = []
-        if self.cfg.eval.final:
-            by_split, rows = self.run_evaluation("final")
-            if self.world.is_logging_rank:
-                self.maybe_keep_best(by_split)
+        """The last model on every split of eval.splits (unless eval.final is false; it may still become the best),
+        then the best model on the splits it was not chosen on: the run's reported numbers (final/SPLIT/...) in
+        MLflow and final_metrics.json, beside the last model's (eval/SPLIT/... at the last step). The run is
+        complete once final_metrics.json is written."""
+        last = self.evaluate_model_in_training("final", self.cfg.eval.splits) if self.cfg.eval.final else {}
+        best_step = [self.state.best_step]
+        if self.world.world_size > 1:  # rank 0 chose (and wrote best/); the others wait for it here
+            dist.broadcast_object_list(best_step, src=0)
+        reported = self.evaluate_best(best_step[0], last)
         if not self.world.is_logging_rank:
             return
+        selection = describe_selection(self.cfg.eval, self.cfg.data.eval)
         self.tracker.log_metrics(
             {"best/step": self.state.best_step, "best/selection_score": self.state.best_score}, self.state.step
         )
-        self.log_final_artifacts(rows)
+        self.tracker.set_tags({"selection": f"step {self.state.best_step} of {self.state.step}, on {selection}"})
+        self.log_final_artifacts()
         write_json(
             os.path.join(self.output_dir, FINAL_METRICS),
-            {"step": self.state.step, "best_step": self.state.best_step, "metrics": self.state.metrics},
+            {
+                "step": self.state.step,
+                "best_step": self.state.best_step,
+                "selected_on": selection,
+                "selection_score": self.state.best_score,
+                "reported": reported,
+                "last": self.state.metrics,
+            },
         )
 
-    def log_final_artifacts(self, rows: list) -> None:
+    def evaluate_best(self, best_step: int, last: dict) -> dict[str, float]:
+        """final/SPLIT/... metrics of the best model (rank 0; {} elsewhere or without a best model): its own
+        evaluation on the selection split, and every other split of eval.splits decoded once now, with the best
+        weights loaded (the last checkpoint is saved already), or taken from `last` when the last model is the
+        best."""
+        if not best_step:
+            if self.world.is_logging_rank:
+                logger.warning("no best model was chosen (no evaluation scored eval.select metrics); nothing reported")
+            return {}
+        others = [split for split in self.cfg.eval.splits if split != self.cfg.eval.select_split]
+        if best_step == self.state.step and self.cfg.eval.final:
+            by_split = {split: results for split, results in last.items() if split in others}
+            reported = {k: v for split in by_split for k, v in flat_metrics(by_split[split], split, "final").items()}
+            self.tracker.log_metrics(reported, self.state.step)
+        elif others:
+            self.engine.module.load_exported(os.path.join(self.output_dir, checkpoint.BEST))
+            _, _, reported = self.run_evaluation("best", others, prefix="final")
+        else:
+            reported = {}
+        if not self.world.is_logging_rank:
+            return {}
+        with open(os.path.join(self.output_dir, checkpoint.BEST, checkpoint.BEST_RECORD)) as f:
+            chosen_on = json.load(f)["metrics"]
+        prefix = f"eval/{self.cfg.eval.select_split}/"
+        own = {"final/" + k.removeprefix("eval/"): v for k, v in chosen_on.items() if k.startswith(prefix)}
+        self.tracker.log_metrics(own, self.state.step)
+        return own | reported
+
+    def log_final_artifacts(self) -> None:
         import matplotlib.pyplot as plt
 
         from egmf.train.plots import evaluation_figures
 
-        for artifact_file, figure in evaluation_figures(rows, self.cfg.eval.select_mode):
-            self.tracker.log_figure(figure, artifact_file)
-            plt.close(figure)
-        if rows:
-            self.tracker.log_artifact(os.path.join(self.output_dir, PREDICTIONS, "final"), "predictions")
+        for tag in ("final", "best"):  # the last model's evaluation; the best model's reported one
+            folder = os.path.join(self.output_dir, PREDICTIONS, tag)
+            if not os.path.isdir(folder):
+                continue
+            plots = "plots" if tag == "final" else f"plots/{tag}"
+            for artifact_file, figure in evaluation_figures(read_rows(folder), self.cfg.eval.select_mode, plots):
+                self.tracker.log_figure(figure, artifact_file)
+                plt.close(figure)
+            self.tracker.log_artifact(folder, f"predictions/{tag}")
         if os.path.isdir(os.path.join(self.output_dir, checkpoint.BEST)):
             self.tracker.log_artifact(os.path.join(self.output_dir, checkpoint.BEST), "best_model")
 
@@ -453,6 +522,7 @@ class Trainer:
             meta=asdict(self.state),
         )
         self.saved_step = self.state.step
+        self.last_save_time = time.monotonic()
         logger.info("checkpoint %s", path)
 
     def end(self, status: str) -> None:
