@@ -24,6 +24,8 @@ from egmf.distributed import WorldInfo
 logger = logging.getLogger("egmf.train")
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+PARENT_TAG = "mlflow.parentRunId"
+"""The tag by which MLflow (and its UI) nests a run under another."""
 RUN_RECORD = "mlflow_run.json"
 """OUTPUT_DIR/mlflow_run.json: where the job's run is, for whoever must end it when the logging rank cannot."""
 
@@ -40,6 +42,8 @@ class MLflowConfig:
     """Run name; empty: the output folder's name."""
     system_metrics: bool = True
     """Log CPU/GPU/memory metrics of the logging rank's node in the background."""
+    parent_run_id: str = ""
+    """Make the run a child of this run (egmf-sweep: one child per seed under the sweep's parent run)."""
 
 
 class NullTracker:
@@ -86,7 +90,8 @@ class MLflowTracker(NullTracker):
         if self.run_id is None:
             experiment_id = self._experiment_id(cfg.experiment, output_dir)
             run_name = cfg.run_name or os.path.basename(os.path.abspath(output_dir))
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            tags = {PARENT_TAG: cfg.parent_run_id} if cfg.parent_run_id else None
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         self.monitor = None
         if cfg.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -29,13 +29,8 @@ set -euo pipefail
 # ---- the project and its Python environment ------------------------------------------------------
 # The batch script runs from a copy in Slurm's spool, so the project is found from the submit directory.
 EGMF_HOME=${EGMF_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
-cd "$EGMF_HOME"
-if [ -n "${EGMF_ENV_SETUP:-}" ]; then
-    eval "$EGMF_ENV_SETUP"  # e.g. EGMF_ENV_SETUP='module load cuda/12.4; conda activate egmf'
-else
-    # shellcheck disable=SC1091
-    source "${EGMF_VENV:-$EGMF_HOME/.venv}/bin/activate"
-fi
+# shellcheck source=slurm/env.sh
+source "$EGMF_HOME/slurm/env.sh"
 
 # ---- rendezvous: rank 0 runs on the first node ---------------------------------------------------
 # Use the node's address from Slurm, not its name: node names need not resolve on the compute network.
