@@ -12,18 +12,22 @@ from egmf.errors import ConfigError
 from egmf.train.config import load_config
 from egmf.train.plan import format_plan, make_plan, plan_problems
 
-RECIPES = ("mosei", "sims2", "meld")
+RECIPES = ("mosei", "sims2", "meld", "cherma", "joint")
+UNKNOWN_SIZE = {"cherma": 20000, "joint": 50000}
+"""Train samples given with --train-samples where a recipe holds CHERMA, whose public size is not known here."""
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_the_7b_recipes_hold_their_schedule_at_any_gpu_count(recipe):
     cfg = load_config(f"launch/recipes/{recipe}.toml", ["--data.root=/nonexistent"])
-    plans = [make_plan(cfg, world_size) for world_size in (1, 8, 16)]
+    plans = [make_plan(cfg, world_size, None, UNKNOWN_SIZE.get(recipe)) for world_size in (1, 8, 16)]
     assert {p.global_batch for p in plans} == {64}
     assert [p.grad_accum for p in plans] == [16, 2, 1]
     assert len({(p.steps.total_steps, p.steps.warmup_steps, tuple(p.eval_steps)) for p in plans}) == 1
     plan = plans[0]
-    assert plan.sizes_from == f"{recipe}: public release size"
+    known = f"{recipe}: public release size"
+    assert plan.sizes_from == ("--train-samples" if recipe in UNKNOWN_SIZE else known)
+    assert plan.as_json()["checkpoint_every_minutes"] == 30
     assert 0 < plan.steps.warmup_steps <= 0.1 * plan.steps.total_steps
     gaps = [b - a for a, b in itertools.pairwise([0, *plan.eval_steps])]
     assert max(gaps) <= plan.steps.steps_per_epoch  # at least one validation per epoch
@@ -56,6 +60,7 @@ def test_degenerate_schedules_are_named(tmp_path):
             "--optim.warmup_steps=600",
             "--eval.per_epoch=0",
             "--eval.every=5000",
+            "--train.epochs=3",
         ],
     )
     problems = plan_problems(make_plan(cfg, 16), cfg)
@@ -92,9 +97,12 @@ def test_plan_on_the_command_line_and_a_degenerate_run_refused(capsys, train_sha
 
     assert main(["--config", "launch/recipes/mosei.toml", "--plan", "--world-size", "8", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert (shown["world_size"], shown["grad_accum"], shown["global_batch"], shown["total_steps"]) == (8, 2, 64, 768)
+    assert (shown["world_size"], shown["grad_accum"], shown["global_batch"], shown["total_steps"]) == (8, 2, 64, 7680)
     assert main(["--config", "launch/recipes/mosei.toml", "--plan", "--optim.warmup_ratio=0.9"]) == 2
-    assert "warm-up is 691 of 768 steps" in capsys.readouterr().err
+    assert "warm-up is 6912 of 7680 steps" in capsys.readouterr().err
+    assert main(["--config", "launch/recipes/cherma.toml", "--plan", "--train-samples", "20000", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["train_samples"], shown["sizes_from"], shown["steps_per_epoch"]) == (20000, "--train-samples", 313)
     # a real run: refused with the same reasons before any process group, nothing written
     out = tmp_path / "out"
     argv = [f"--data.root={train_shards}", f"--llm.path={tiny_llm}", f"--train.output_dir={out}", "--train.steps=8"]

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--world-size", type=int, help="devices for --plan (default: $WORLD_SIZE, else 1)")
     parser.add_argument("--json", action="store_true", help="--plan as one JSON object")
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        help="train samples for --plan when the shards are not built yet and the dataset's public size is unknown",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from deepspeed; env wins
     return parser
 
@@ -115,7 +120,7 @@ def show_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
-    plan = make_plan(cfg, world_size, device_memory_gb())
+    plan = make_plan(cfg, world_size, device_memory_gb(), args.train_samples)
     print(json.dumps(plan.as_json(), indent=2) if args.json else format_plan(plan))
     refuse_degenerate_schedule(plan, cfg)
     return 0

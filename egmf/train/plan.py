@@ -68,6 +68,7 @@ class Plan:
             "warmup_steps": self.steps.warmup_steps,
             "eval_steps": self.eval_steps,
             "checkpoint_steps": self.checkpoint_steps,
+            "checkpoint_every_minutes": self.steps.checkpoint_minutes,
             "tokens_per_step": self.tokens_per_step,
             "memory_gb_per_device": self.memory_gb_per_device,
             "train_samples": self.train_samples,
@@ -92,7 +93,8 @@ def train_sizes(cfg) -> tuple[int, str]:
             if dataset not in PUBLIC_TRAIN_SIZES:
                 raise ConfigError(
                     f"the size of {dataset}'s train split is unknown: no manifest under {cfg.data.root} and no "
-                    f"public size known; build its shards first (egmf-shards build ... --out {cfg.data.root})"
+                    f"public size known; build its shards first (egmf-shards build ... --out {cfg.data.root}), or "
+                    "give the size of the training mix with --plan --train-samples N"
                 ) from None
             total += PUBLIC_TRAIN_SIZES[dataset]
             sources.append(f"{dataset}: public release size")
@@ -172,13 +174,14 @@ def device_memory_gb() -> float | None:
     return None
 
 
-def make_plan(cfg, world_size: int, device_memory: float | None = None) -> Plan:
+def make_plan(cfg, world_size: int, device_memory: float | None = None, train_samples: int | None = None) -> Plan:
     """`device_memory`: GB of the device the plan is shown beside (`device_memory_gb()`, --plan only: a run's start
-    must not touch CUDA before each rank has picked its device)."""
+    must not touch CUDA before each rank has picked its device). `train_samples`: the size of the training mix
+    when the user knows it (--train-samples), instead of manifests and public sizes."""
     cfg = fit_to_world(cfg, world_size)
-    samples, sizes_from = train_sizes(cfg)
+    samples, sizes_from = (train_samples, "--train-samples") if train_samples else train_sizes(cfg)
     per_epoch = cfg.data.samples_per_epoch or samples
-    steps = plan_steps(cfg, batches_per_epoch(per_epoch, cfg.data.batch_size, world_size))
+    steps = plan_steps(cfg, batches_per_epoch(per_epoch, cfg.data.batch_size, world_size), world_size)
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world_size
     seq_len = PROMPT_TOKENS + cfg.prompt.max_text_tokens + (0 if cfg.prompt.text_only else cfg.fusion.num_pseudo_tokens)
     shape, model_from = model_shape(cfg.llm.path)
@@ -245,13 +248,17 @@ def format_plan(plan: Plan) -> str:
         ("total steps", plan.steps.total_steps),
         ("warm-up steps", plan.steps.warmup_steps),
         ("evaluations at", steps_text(plan.eval_steps)),
-        ("checkpoints at", steps_text(plan.checkpoint_steps)),
+        ("checkpoints at", steps_text(plan.checkpoint_steps) + clock_text(plan.steps.checkpoint_minutes)),
         ("tokens per step", f"at most {plan.tokens_per_step}"),
         ("memory", memory),
         ("model shape", plan.model_from),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def clock_text(minutes: float) -> str:
+    return f", and every {minutes:g} min since the last save" if minutes else ""
 
 
 def steps_text(steps: list[int]) -> str:
