@@ -14,9 +14,11 @@ are all written through here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,11 +26,21 @@ PARTIAL_PREFIX = ".partial-"
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    with open(path + ".partial", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".partial", path)
+    """Write beside `path` under a name of this writer's own, then rename over it: writers racing for one path
+    (two array tasks writing one report) each publish a whole file, and the last rename wins."""
+    folder, name = os.path.split(os.path.abspath(path))
+    descriptor, partial = tempfile.mkstemp(prefix=f"{name}.partial-", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(partial, 0o644)  # mkstemp makes it private; the file is as readable as any other output
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
 
 
 def write_json(path: str, value: object) -> None:

@@ -37,7 +37,7 @@ import traceback
 from egmf.config import describe_tree
 from egmf.errors import ConfigError
 from egmf.train.config import Config, load_config
-from egmf.train.plan import device_memory_gb, format_plan, make_plan, plan_problems
+from egmf.train.plan import device_memory_gb, format_plan, make_plan, refuse_degenerate_schedule
 from egmf.train.run_markers import clear_failures, failed_ranks, failure_notes, write_failure
 from egmf.train.stop_signal import StopSignal
 
@@ -106,12 +106,6 @@ def configure(args: argparse.Namespace, overrides: list[str]):
     preflight(cfg)
     refuse_degenerate_schedule(make_plan(cfg, world.world_size), cfg)
     return cfg, ds_config, world, device
-
-
-def refuse_degenerate_schedule(plan, cfg) -> None:
-    problems = plan_problems(plan, cfg)
-    if problems:
-        raise ConfigError("degenerate schedule (see it with --plan):\n  " + "\n  ".join(problems))
 
 
 def show_plan(args: argparse.Namespace, overrides: list[str]) -> int:

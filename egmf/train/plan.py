@@ -231,6 +231,13 @@ def plan_problems(plan: Plan, cfg) -> list[str]:
     return found
 
 
+def refuse_degenerate_schedule(plan: Plan, cfg) -> None:
+    """ConfigError naming every reason `plan_problems` finds."""
+    problems = plan_problems(plan, cfg)
+    if problems:
+        raise ConfigError("degenerate schedule (see it with --plan):\n  " + "\n  ".join(problems))
+
+
 def format_plan(plan: Plan) -> str:
     memory = "unknown (model shape unknown)"
     if plan.memory_gb_per_device is not None:

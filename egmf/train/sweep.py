@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from egmf.atomic import write_json
 from egmf.errors import ConfigError
 from egmf.train.config import Config, load_config
+from egmf.train.plan import make_plan, refuse_degenerate_schedule
 from egmf.train.report import SEED_PREFIX, SWEEP_RECORD, write_report
 from egmf.train.trainer import FINAL_METRICS
 
@@ -92,10 +93,12 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def open_sweep(recipe: str | None, overrides: list[str], seeds: list[int]) -> tuple[Sweep, Config]:
+def open_sweep(recipe: str | None, overrides: list[str], seeds: list[int], world_size: int) -> tuple[Sweep, Config]:
     """The sweep of this command: the one recorded in ROOT when it is the same, else a new one. ConfigError for a
-    bad config (checked as each seed's run would check it) or for a different sweep already in ROOT."""
+    bad config or schedule (checked as each seed's run would check it, at `world_size` devices) or for a different
+    sweep already in ROOT."""
     cfg = load_config(recipe, overrides)
+    refuse_degenerate_schedule(make_plan(cfg, world_size), cfg)
     root = os.path.abspath(cfg.train.output_dir)
     recipe = os.path.abspath(recipe) if recipe else None
     sweep = Sweep(root, recipe, list(overrides), seeds)
@@ -167,8 +170,8 @@ def submit_array(sweep: Sweep, sbatch_args: list[str]) -> int:
         return finish(sweep)
     command = ["sbatch", "--parsable", f"--array={','.join(todo)}", *sbatch_args, SWEEP_SCRIPT, sweep.root]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"egmf-sweep: sbatch failed ({done.returncode}): {done.stderr.strip()}", file=sys.stderr)
+    if done.returncode != 0:  # with --sbatch=--wait also when a task failed: its log says why
+        print(f"egmf-sweep: sbatch ended with exit code {done.returncode}: {done.stderr.strip()}", file=sys.stderr)
         return done.returncode
     print(f"egmf-sweep: submitted job array {done.stdout.strip()} (seeds {', '.join(todo)} by index)", flush=True)
     return 0
@@ -213,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.finish:
         return finish(read_sweep(args.finish))
     try:
-        sweep, cfg = open_sweep(args.config, overrides, parse_seeds(args.seeds))
+        # a Slurm array's device count is the sbatch options' business: the schedule is checked at one device,
+        # where it has the most steps (a check that can miss, never one that refuses a sound schedule)
+        sweep, cfg = open_sweep(args.config, overrides, parse_seeds(args.seeds), args.nproc_per_node)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
