@@ -36,12 +36,12 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 train: $(STAMP)
 	$(BIN)/deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json
 
-# A shorter schedule than `make train` (one process per seed, 400 steps, constrained decoding) so that three
+# A shorter schedule than `make train` (one process per seed, 1000 steps, constrained decoding) so that three
 # seeds and the report fit in about a quarter of an hour on 2 cores.
 SWEEP_SEEDS ?= 1,2,3
 sweep: $(STAMP)
-	$(BIN)/egmf-sweep --seeds $(SWEEP_SEEDS) --train.output_dir=runs/demo-sweep --train.steps=400 \
-		--eval.every=100 --checkpoint.every=0 --eval.modes="['constrained']" --mlflow.system_metrics=false
+	$(BIN)/egmf-sweep --seeds $(SWEEP_SEEDS) --train.output_dir=runs/demo-sweep --train.steps=1000 \
+		--eval.every=250 --checkpoint.every=0 --eval.modes="['constrained']" --mlflow.system_metrics=false
 
 demo: $(STAMP)
 	$(BIN)/python -m egmf.shards demo --out shards/demo

@@ -208,13 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
-    if args.task:  # one array task's seed, as NUL-separated launch/train.py arguments
-        root, _, index = args.task.rpartition(":")
+    if args.task or args.finish:  # from slurm/sweep_egmf.sh
+        root, _, index = (args.task or args.finish + ":").rpartition(":")
         sweep = read_sweep(root)
+        if sweep is None:
+            print(f"error: no {SWEEP_RECORD} in {root}; start the sweep with egmf-sweep --slurm", file=sys.stderr)
+            return 2
+        if args.finish:
+            return finish(sweep)
+        # one array task's seed, as NUL-separated launch/train.py arguments
         sys.stdout.write("\0".join(sweep.seed_args(sweep.seeds[int(index)])))
         return 0
-    if args.finish:
-        return finish(read_sweep(args.finish))
     try:
         # a Slurm array's device count is the sbatch options' business: the schedule is checked at one device,
         # where it has the most steps (a check that can miss, never one that refuses a sound schedule)
