@@ -56,6 +56,9 @@ class Predictions:
     num_unparseable: int
     expert_weights: list[list[float]] | None = None
     """Per sample, the level-2 gate weights (in fusion.experts order); None in the text-only ablation."""
+    distributions: list[list[float]] | None = None
+    """Constrained mode: per sample, the probability of each candidate answer (the softmax of their scores, in
+    the verbaliser's candidates() order: classes, or every one-decimal score); None in generate mode."""
 
 
 class EGMFModel(nn.Module):
@@ -167,7 +170,8 @@ class EGMFModel(nn.Module):
             scores = score_candidates(*args, self.prompts.candidate_tokens(batch.dataset), self.tokenizer.pad_token_id)
             best = (scores.argmax(-1) if batch.task == CLASSIFICATION else weighted_median(scores)).tolist()
             labels = [verbaliser.candidate_label(i) for i in best]
-            return Predictions(labels, [verbaliser.candidates()[i] for i in best], 0, gates)
+            distributions = scores.float().softmax(-1).cpu().tolist()
+            return Predictions(labels, [verbaliser.candidates()[i] for i in best], 0, gates, distributions)
         generated = greedy(*args, self.tokenizer.eos_token_id, max_new_tokens)
         answers = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
         labels = [verbaliser.parse(a) for a in answers]

@@ -40,18 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def saved_feature_dims(cfg: Config, weights: str) -> dict[str, tuple[int, int]]:
-    """The fusion module's front ends as trained (fusion.json), so only the evaluated splits need shards."""
-    from egmf.model.egmf_model import FUSION_META
-    from egmf.train.preflight import feature_dims
-
-    path = os.path.join(weights, FUSION_META)
-    if not os.path.isfile(path):  # the text-only ablation has no fusion module
-        return feature_dims(cfg)
-    with open(path) as f:
-        return {name: tuple(dims) for name, dims in json.load(f)["feature_dims"].items()}
-
-
 def evaluation_overrides(args: argparse.Namespace) -> list[str]:
     """The command line's choices as config overrides. Evaluation chooses no best model, so the selection split
     and mode follow the ones asked for (the saved config's may not be among them)."""
@@ -82,16 +70,15 @@ def run(cfg: Config, weights: str, out_dir: str) -> int:
 
     from egmf.data.transport import kill_leftover_workers
     from egmf.distributed import close_distributed, init_distributed, pick_device, world_info_from_env
-    from egmf.model.egmf_model import EGMFModel
     from egmf.train.evaluation import evaluate, flat_metrics, write_evaluation
+    from egmf.train.saved_model import load_saved_model
 
     world = world_info_from_env()
     device = pick_device(world, cfg.train.device)
     if world.world_size > 1:
         init_distributed(world, device)
     try:
-        model = EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, saved_feature_dims(cfg, weights), device)
-        model.load_exported(weights)
+        model = load_saved_model(cfg, weights, device)
         metrics, all_rows = {}, []
         with torch.no_grad():
             for split in cfg.eval.splits:

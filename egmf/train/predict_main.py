@@ -1,0 +1,217 @@
+"""`egmf-predict`: a saved model's answers for every sample of a shard split, with class probabilities and gates.
+
+    egmf-predict --model runs/demo/best --data shards/demo --split test --out predictions.jsonl
+    egmf-predict --model runs/mosei/best --data /data/shards --datasets mosei --out mosei_test.csv
+    torchrun --nproc_per_node 8 launch/predict.py --model ... --out ...     # each sample predicted once
+
+--model is a run's best/ folder or a checkpoint; the model is rebuilt from the
+config saved with it (the base LLM from llm.path, or --llm-path). --data is a
+shard root: every dataset under it that has the split and that the model
+knows is predicted, unless --datasets chooses. One output row per sample,
+sorted by dataset and id (JSONL; CSV flattens the same):
+
+    id, dataset, answer      the answer text
+    prediction               class name or score
+    probabilities            classes, constrained decoding: class -> probability (the softmax of the
+                             answers' scores; they sum to 1)
+    score, spread            scores: the prediction, and in constrained decoding the standard deviation of
+                             the answer distribution over the one-decimal scores
+    gate                     expert -> level-2 weight (absent without a fusion module)
+    label                    the sample's label
+
+In constrained mode (the default) the predictions are the ones egmf-evaluate
+scores for the same model. Exit code 2: a bad folder, config, data or
+output name, reported before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import replace
+
+from egmf.errors import CheckpointError, ConfigError, DataError
+from egmf.model.config import DECODING_MODES
+from egmf.shards.manifest import load_manifest
+from egmf.train.checkpoint import saved_weights
+from egmf.train.config import Config, config_from_table
+
+FORMATS = (".jsonl", ".csv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egmf-predict",
+        description=__doc__.split("\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+        allow_abbrev=False,
+    )
+    parser.add_argument("--model", required=True, help="a run's best/ folder or a checkpoint folder")
+    parser.add_argument("--data", required=True, help="a shard root")
+    parser.add_argument("--split", default="test", help="the split to predict (default: %(default)s)")
+    parser.add_argument("--datasets", help="comma-separated (default: every dataset of the root the model knows)")
+    parser.add_argument("--out", required=True, help="FILE.jsonl or FILE.csv")
+    parser.add_argument("--mode", default="constrained", choices=DECODING_MODES, help="decoding (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, help="samples per batch on each rank (default: eval.batch_size)")
+    parser.add_argument("--llm-path", help="base model folder (default: llm.path of the saved config)")
+    return parser
+
+
+def known_datasets(cfg: Config, weights: str) -> list[str]:
+    from egmf.train.saved_model import saved_feature_dims
+
+    return list(saved_feature_dims(cfg, weights))
+
+
+def chosen_datasets(args: argparse.Namespace, known: list[str]) -> list[str]:
+    """--datasets, else every dataset the model knows that has the split under the root; DataError if none or if
+    a chosen one lacks the split or is unknown to the model."""
+    if args.datasets:
+        chosen = args.datasets.split(",")
+        unknown = [d for d in chosen if d not in known]
+        if unknown:
+            raise DataError(f"the model was not trained on {', '.join(unknown)}; it knows {', '.join(known)}")
+        for dataset in chosen:
+            load_manifest(args.data, dataset, args.split)  # a DataError naming the missing manifest
+        return chosen
+    present = []
+    for dataset in known:
+        try:
+            load_manifest(args.data, dataset, args.split)
+            present.append(dataset)
+        except DataError:
+            continue
+    if not present:
+        raise DataError(f"no {args.split} split of a dataset the model knows ({', '.join(known)}) under {args.data}")
+    return present
+
+
+def prediction_overrides(args: argparse.Namespace, datasets: list[str]) -> list[str]:
+    overrides = [f"--data.root={args.data}", f"--data.eval={json.dumps(datasets)}"]
+    overrides += [f"--eval.splits={json.dumps([args.split])}", f"--eval.select_split={args.split}"]
+    overrides += [f"--eval.modes={json.dumps([args.mode])}", f"--eval.select_mode={args.mode}"]
+    overrides += [f"--eval.periodic_splits={json.dumps([args.split])}"]
+    if args.batch_size:
+        overrides.append(f"--eval.batch_size={args.batch_size}")
+    if args.llm_path:
+        overrides.append(f"--llm.path={args.llm_path}")
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    try:
+        if not args.out.endswith(FORMATS):
+            raise ConfigError(f"--out {args.out} must end in .jsonl or .csv")
+        table, weights = saved_weights(args.model)
+        known = known_datasets(config_from_table(table), weights)
+        datasets = chosen_datasets(args, known)
+        cfg = config_from_table(table, prediction_overrides(args, datasets) + overrides)
+    except (ConfigError, CheckpointError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(cfg, weights, args.split, args.mode, args.out)
+
+
+def run(cfg: Config, weights: str, split: str, mode: str, out: str) -> int:
+    from tqdm import tqdm
+
+    from egmf.data.loader import EvalLoader
+    from egmf.data.transport import kill_leftover_workers
+    from egmf.distributed import close_distributed, init_distributed, pick_device, world_info_from_env
+    from egmf.train.evaluation import gather_rows
+    from egmf.train.saved_model import load_saved_model
+
+    world = world_info_from_env()
+    device = pick_device(world, cfg.train.device)
+    if world.world_size > 1:
+        init_distributed(world, device)
+    try:
+        model = load_saved_model(cfg, weights, device)
+        model.eval()
+        experts = list(model.fusion.cfg.experts) if model.fusion is not None else []
+        data_cfg = replace(cfg.data, batch_size=cfg.eval.batch_size or cfg.data.batch_size)
+        loaders = {d: EvalLoader(data_cfg, d, split, world.rank, world.world_size) for d in cfg.data.eval}
+        progress = tqdm(total=sum(map(len, loaders.values())), disable=not world.is_logging_rank, unit="batch")
+        rows = []
+        for dataset, loader in loaders.items():
+            verbaliser = model.prompts.verbaliser(dataset)
+            for batch in loader:
+                progress.update(1)
+                valid = batch.valid.tolist()
+                if any(valid):
+                    preds = model.predict(batch, mode, cfg.eval.max_new_tokens)
+                    rows += [prediction_row(batch, i, preds, verbaliser, experts) for i, ok in enumerate(valid) if ok]
+        progress.close()
+        rows = gather_rows(rows, world)
+        if world.is_logging_rank:
+            rows.sort(key=lambda row: (row["dataset"], row["id"]))
+            write_rows(out, rows)
+            print(f"{len(rows)} predictions of {', '.join(cfg.data.eval)} ({split}, {mode}) written to {out}")
+    finally:
+        close_distributed()
+        kill_leftover_workers()
+    return 0
+
+
+def prediction_row(batch, i: int, preds, verbaliser, experts: list[str]) -> dict:
+    """The output row of sample i of a batch (see the module docstring)."""
+    row = {"id": batch.ids[i], "dataset": batch.dataset, "answer": preds.answers[i], "prediction": preds.labels[i]}
+    distribution = preds.distributions[i] if preds.distributions is not None else None
+    candidates = [verbaliser.candidate_label(j) for j in range(len(distribution or []))]
+    if verbaliser.spec.labels:
+        if distribution is not None:
+            row["probabilities"] = dict(zip(candidates, distribution, strict=True))
+    else:
+        row["score"] = preds.labels[i]
+        if distribution is not None:
+            mean = sum(p * v for p, v in zip(distribution, candidates, strict=True))
+            row["spread"] = math.sqrt(sum(p * (v - mean) ** 2 for p, v in zip(distribution, candidates, strict=True)))
+    if preds.expert_weights is not None:
+        row["gate"] = dict(zip(experts, preds.expert_weights[i], strict=True))
+    row["label"] = batch.labels[i]
+    return row
+
+
+def write_rows(out: str, rows: list[dict]) -> None:
+    from egmf.atomic import write_atomically
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if out.endswith(".jsonl"):
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    else:
+        text = csv_text(rows)
+    write_atomically(out, text.encode("utf-8"))
+
+
+def flat_row(row: dict) -> dict:
+    """probabilities -> p_CLASS columns, gate -> gate_EXPERT columns."""
+    flat = {}
+    for key, value in row.items():
+        if key == "probabilities":
+            flat.update({f"p_{name}": p for name, p in value.items()})
+        elif key == "gate":
+            flat.update({f"gate_{name}": w for name, w in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def csv_text(rows: list[dict]) -> str:
+    flat = [flat_row(row) for row in rows]
+    columns = list(dict.fromkeys(key for row in flat for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns)
+    writer.writeheader()
+    writer.writerows(flat)
+    return out.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""egmf-predict on a trained model's best/: one row per sample with class probabilities, score spreads and gates,
+the same predictions egmf-evaluate scores, JSONL or CSV, each sample once over ranks; bad inputs are exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from run_helpers import REPO
+
+from egmf.distributed import free_port
+from egmf.shards.manifest import load_manifest
+from egmf.train import evaluate_main, predict_main
+from egmf.train.main import main as train_main
+
+DATASETS = ("demo_cls_en", "demo_reg_en")
+
+
+@pytest.fixture(scope="module")
+def best(train_shards, tiny_llm, tmp_path_factory) -> str:
+    """best/ of a 4-step run on the test shards (one process)."""
+    out = str(tmp_path_factory.mktemp("predict") / "run")
+    code = train_main(
+        [
+            f"--data.root={train_shards}",
+            f"--llm.path={tiny_llm}",
+            f"--train.output_dir={out}",
+            "--train.steps=4",
+            "--eval.every=0",
+            "--data.batch_size=4",
+            "--data.num_workers=0",
+            "--optim.warmup_steps=1",
+            "--eval.modes=['constrained']",
+            "--eval.batch_size=24",
+            "--mlflow.enabled=false",
+        ]
+    )
+    assert code == 0
+    return os.path.join(out, "best")
+
+
+def predict(best: str, shards: str, out: str, *extra: str) -> int:
+    return predict_main.main(
+        ["--model", best, "--data", shards, "--out", out, "--datasets", ",".join(DATASETS), *extra]
+    )
+
+
+def test_rows_carry_probabilities_scores_and_gates_and_match_evaluate(best, train_shards, tmp_path):
+    out = str(tmp_path / "predictions.jsonl")
+    assert predict(best, train_shards, out) == 0
+    rows = [json.loads(line) for line in open(out)]
+    for dataset in DATASETS:
+        ids = [r["id"] for r in rows if r["dataset"] == dataset]
+        assert len(ids) == len(set(ids)) == load_manifest(train_shards, dataset, "test").num_samples
+    for row in rows:
+        assert abs(sum(row["gate"].values()) - 1) < 1e-5 and set(row["gate"]) == {"local", "semantic", "global"}
+        assert "label" in row and row["answer"]
+        if row["dataset"] == "demo_cls_en":
+            probabilities = row["probabilities"]
+            assert abs(sum(probabilities.values()) - 1) < 1e-5 and len(probabilities) == 4
+            assert row["prediction"] == max(probabilities, key=probabilities.get)
+        else:
+            assert row["score"] == row["prediction"] and -3 <= row["score"] <= 3 and row["spread"] >= 0
+    # egmf-evaluate on the same model, split and mode scores exactly these predictions
+    evaluated = tmp_path / "eval"
+    code = evaluate_main.main(
+        ["--checkpoint", best, "--splits", "test", "--modes", "constrained", "--out", str(evaluated)]
+        + ["--datasets", ",".join(DATASETS), "--shards", train_shards]
+    )
+    assert code == 0
+    scored = {(r["dataset"], r["id"]): r["prediction"] for r in map(json.loads, open(evaluated / "test.jsonl"))}
+    assert scored == {(r["dataset"], r["id"]): r["prediction"] for r in rows}
+
+
+def test_csv_flattens_the_same_rows(best, train_shards, tmp_path):
+    out = str(tmp_path / "predictions.csv")
+    assert predict(best, train_shards, out, "--mode", "generate") == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    assert {"id", "dataset", "answer", "prediction", "score", "label", "gate_local", "gate_global"} <= columns
+    assert not any(c.startswith("p_") for c in columns)  # generate mode has no answer distribution
+    assert len(rows) == sum(load_manifest(train_shards, d, "test").num_samples for d in DATASETS)
+
+
+def test_bad_requests_fail_before_decoding(best, train_shards, tmp_path, capsys):
+    assert predict(best, train_shards, str(tmp_path / "out.txt")) == 2
+    assert "must end in .jsonl or .csv" in capsys.readouterr().err
+    args = ["--model", best, "--data", train_shards, "--out", str(tmp_path / "p.jsonl"), "--datasets", "mosei"]
+    assert predict_main.main(args) == 2
+    assert "the model was not trained on mosei" in capsys.readouterr().err
+    assert predict_main.main(["--model", best, "--data", str(tmp_path), "--out", str(tmp_path / "p.jsonl")]) == 2
+    assert "no test split of a dataset the model knows" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p.jsonl")
+
+
+@pytest.mark.slow
+def test_each_sample_is_predicted_once_over_two_ranks(best, train_shards, tmp_path):
+    out = str(tmp_path / "two_ranks.jsonl")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    command += ["launch/predict.py", "--model", best, "--data", train_shards, "--out", out, "--batch-size", "5"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    rows = [json.loads(line) for line in open(out)]
+    for dataset in ("demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh"):  # every dataset the model knows
+        ids = [r["id"] for r in rows if r["dataset"] == dataset]
+        assert len(ids) == len(set(ids)) == load_manifest(train_shards, dataset, "test").num_samples, dataset
