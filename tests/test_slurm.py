@@ -200,26 +200,26 @@ def test_a_lost_rank_ends_the_job_failed(slurm, train_shards, tiny_llm, tmp_path
 
 
 def test_a_sweep_runs_as_a_job_array_and_reports_to_its_parent(slurm, train_shards, tiny_llm, tmp_path):
-    """egmf-sweep --slurm: one array task per seed (slurm/sweep_egmf.sh, each through train_egmf.sh), each seed
-    a child of the sweep's MLflow run; the task that ends last writes the report and ends the parent."""
+    """egmf-sweep --slurm with 3 seeds: one array task per seed (slurm/sweep_egmf.sh, each through train_egmf.sh),
+    each seed a child of the sweep's MLflow run; the task that ends last writes the report and ends the parent."""
     root = str(tmp_path / "sweep")
     sbatch = ["--wait", "--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=15"]
     sbatch.append(f"--output={tmp_path}/task_%a.out")
     args = run_args(train_shards, tiny_llm, root, "--train.steps=4", "--eval.every=2", "--optim.warmup_steps=1")
-    command = [sys.executable, "-m", "egmf.train.sweep", "--slurm", "--seeds=11,22", *SMALL_EVAL]
+    command = [sys.executable, "-m", "egmf.train.sweep", "--slurm", "--seeds=11,22,33", *SMALL_EVAL]
     command += [f"--sbatch={option}" for option in sbatch] + args
     done = subprocess.run(command, cwd=REPO, env=job_env(slurm), capture_output=True, text=True, timeout=900)
-    logs = "".join(open(tmp_path / f"task_{i}.out").read() for i in (0, 1) if (tmp_path / f"task_{i}.out").exists())
+    logs = "".join(open(tmp_path / f"task_{i}.out").read() for i in range(3) if (tmp_path / f"task_{i}.out").exists())
     assert done.returncode == 0, done.stdout + done.stderr + logs[-5000:]
     assert "submitted job array" in done.stdout
-    assert "array task 0" in logs and "array task 1" in logs
+    assert all(f"array task {i}" in logs for i in range(3))  # 3 tasks on 2 nodes: the third waits for a node
     client = store(root)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = [r for r in runs if r.data.tags.get("sweep") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    assert sorted(c.info.run_name for c in children) == ["seed_11", "seed_22"]
+    assert sorted(c.info.run_name for c in children) == ["seed_11", "seed_22", "seed_33"]
     assert all(c.info.status == "FINISHED" and c.data.tags["slurm_job_id"] for c in children)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
-    assert parent[0].data.metrics["report/seeds"] == 2
+    assert parent[0].data.metrics["report/seeds"] == 3
     assert "| demo_cls_en | weighted F1 |" in open(os.path.join(root, "report.md")).read()
