@@ -33,6 +33,7 @@ def require_binaries(*names: str, install: str) -> None:
     missing = [name for name in names if shutil.which(name) is None]
     require(not missing, f"needs {', '.join(missing)} on PATH ({install}; .ci/run installs it)")
 
+
 MOSEI_DIMS = (74, 35)
 MELD_DIMS = (64, 64)
 
@@ -137,3 +138,28 @@ def train_shards(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("train-shards"))
     build_demo(root, {"train": 256, "valid": 24, "test": 24}, seed=0, shard_samples=32)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_best(train_shards, tiny_llm, tmp_path_factory) -> str:
+    """best/ of a 4-step run on the test shards (one process; read-only)."""
+    from egmf.train.main import main as train_main
+
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    code = train_main(
+        [
+            f"--data.root={train_shards}",
+            f"--llm.path={tiny_llm}",
+            f"--train.output_dir={out}",
+            "--train.steps=4",
+            "--eval.every=0",
+            "--data.batch_size=4",
+            "--data.num_workers=0",
+            "--optim.warmup_steps=1",
+            "--eval.modes=['constrained']",
+            "--eval.batch_size=24",
+            "--mlflow.enabled=false",
+        ]
+    )
+    assert code == 0
+    return os.path.join(out, "best")

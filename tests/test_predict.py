@@ -15,32 +15,13 @@ from run_helpers import REPO
 from egmf.distributed import free_port
 from egmf.shards.manifest import load_manifest
 from egmf.train import evaluate_main, predict_main
-from egmf.train.main import main as train_main
 
 DATASETS = ("demo_cls_en", "demo_reg_en")
 
 
-@pytest.fixture(scope="module")
-def best(train_shards, tiny_llm, tmp_path_factory) -> str:
-    """best/ of a 4-step run on the test shards (one process)."""
-    out = str(tmp_path_factory.mktemp("predict") / "run")
-    code = train_main(
-        [
-            f"--data.root={train_shards}",
-            f"--llm.path={tiny_llm}",
-            f"--train.output_dir={out}",
-            "--train.steps=4",
-            "--eval.every=0",
-            "--data.batch_size=4",
-            "--data.num_workers=0",
-            "--optim.warmup_steps=1",
-            "--eval.modes=['constrained']",
-            "--eval.batch_size=24",
-            "--mlflow.enabled=false",
-        ]
-    )
-    assert code == 0
-    return os.path.join(out, "best")
+@pytest.fixture
+def best(trained_best: str) -> str:
+    return trained_best
 
 
 def predict(best: str, shards: str, out: str, *extra: str) -> int:

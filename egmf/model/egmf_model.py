@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from egmf.config import build as build_section
 from egmf.data.collate import Batch
 from egmf.datasets import CLASSIFICATION
 from egmf.errors import ConfigError
@@ -30,6 +31,9 @@ from egmf.model.prompt import PromptBatch, PromptBuilder
 ADAPTER_DIR = "adapter"
 FUSION_WEIGHTS = "fusion.safetensors"
 FUSION_META = "fusion.json"
+PACKAGE_RECORD = "egmf_package.json"
+"""The record of an exported package (egmf-export): its base model, datasets and chosen model's metrics."""
+PACKAGE_CONFIG = "config.json"
 
 
 @dataclass
@@ -89,6 +93,32 @@ class EGMFModel(nn.Module):
             rms = float(embeddings.float().pow(2).mean().sqrt())
             fusion = FusionModule(fusion_cfg, feature_dims, embeddings.shape[1], rms, feature_stats).to(device)
         return cls(llm, tokenizer, fusion, PromptBuilder(prompt_cfg, tokenizer, fusion_cfg.num_pseudo_tokens))
+
+    @classmethod
+    def from_pretrained(cls, package: str, device: str | torch.device = "cpu", base_model: str = "") -> EGMFModel:
+        """The model of a package written by egmf-export, from the package alone and its base model (the one the
+        package names, or `base_model`: a local folder)."""
+        with open(os.path.join(package, PACKAGE_RECORD)) as f:
+            record = json.load(f)
+        with open(os.path.join(package, PACKAGE_CONFIG)) as f:
+            table = json.load(f)
+        problems: list[str] = []
+        fusion_cfg, prompt_cfg, llm_cfg, lora_cfg = (
+            build_section(section, table.get(name, {}), f"{name}.", problems)
+            for name, section in (
+                ("fusion", FusionConfig),
+                ("prompt", PromptConfig),
+                ("llm", LLMConfig),
+                ("lora", LoraConfig),
+            )
+        )
+        if problems:
+            raise ConfigError(f"{package}/{PACKAGE_CONFIG}: " + "; ".join(problems))
+        llm_cfg.path = base_model or record["base_model"]
+        dims = {name: tuple(d) for name, d in record["datasets"].items()}
+        model = cls.build(fusion_cfg, prompt_cfg, llm_cfg, lora_cfg, dims, torch.device(device))
+        model.load_exported(package)
+        return model
 
     @property
     def has_lora(self) -> bool:

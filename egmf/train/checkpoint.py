@@ -29,6 +29,7 @@ import torch
 from egmf.atomic import partial_folder, publish, remove_partials, start_partial, write_atomically, write_json
 from egmf.distributed import WorldInfo, barrier
 from egmf.errors import CheckpointError
+from egmf.model.egmf_model import PACKAGE_CONFIG, PACKAGE_RECORD
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -78,7 +79,11 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
 
 
 def saved_weights(folder: str) -> tuple[dict, str]:
-    """(saved config table, folder with the exported weights) of a checkpoint or of a run's best/ folder."""
+    """(saved config table, folder with the exported weights) of a checkpoint, a run's best/ folder or a package
+    written by egmf-export (whose config names its base model as llm.path)."""
+    if os.path.isfile(os.path.join(folder, PACKAGE_RECORD)):
+        with open(os.path.join(folder, PACKAGE_CONFIG)) as f:
+            return json.load(f), folder
     if os.path.isfile(os.path.join(folder, BEST_RECORD)):
         with open(os.path.join(folder, BEST_RECORD)) as f:
             return json.load(f)["config"], folder
@@ -86,8 +91,8 @@ def saved_weights(folder: str) -> tuple[dict, str]:
         with open(os.path.join(folder, "config.json")) as f:
             return json.load(f), os.path.join(folder, EXPORT)
     raise CheckpointError(
-        f"{folder} is neither a checkpoint (config.json + {EXPORT}/) nor a {BEST}/ folder ({BEST_RECORD}); "
-        f"pass a folder under OUTPUT_DIR/{CHECKPOINTS} or OUTPUT_DIR/{BEST}"
+        f"{folder} is neither a checkpoint (config.json + {EXPORT}/), a {BEST}/ folder ({BEST_RECORD}) nor a "
+        f"package ({PACKAGE_RECORD}); pass a folder under OUTPUT_DIR/{CHECKPOINTS}, OUTPUT_DIR/{BEST} or egmf-export's"
     )
 
 

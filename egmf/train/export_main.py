@@ -1,0 +1,167 @@
+"""`egmf-export`: a trained model as one self-contained folder, loadable without the run that made it.
+
+    egmf-export --model runs/mosei/best --out packages/egmf-mosei --base-model Qwen/Qwen2.5-7B-Instruct
+    egmf-predict --model packages/egmf-mosei --data data/shards --out mosei.jsonl
+    python -c "from egmf.model.egmf_model import EGMFModel; m = EGMFModel.from_pretrained('packages/egmf-mosei')"
+
+--model is a run's best/ folder or a checkpoint. The package holds:
+
+    adapter/                the LoRA adapter in peft's format; its base_model_name_or_path is --base-model (a
+                            hub id or a path; default: the absolute llm.path of the run), so peft's
+                            AutoPeftModelForCausalLM.from_pretrained(PKG/adapter) finds the base model
+    fusion.safetensors      the fusion module's weights and its standardisation statistics
+    fusion.json             its config and the feature dims per dataset
+    tokenizer/              the base model's tokenizer
+    config.json             the run's whole config (prompt templates and label words included)
+    egmf_package.json       base model, datasets, and the chosen model's step, selection and metrics
+    README.md               the model card
+
+It is written as a whole (a partial package is never left looking complete).
+A package needs its base model and nothing from the run directory. Exit code
+2: a bad --model folder, reported before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from egmf.atomic import building, write_atomically, write_json
+from egmf.errors import CheckpointError, ConfigError
+from egmf.model.egmf_model import ADAPTER_DIR, FUSION_META, FUSION_WEIGHTS, PACKAGE_CONFIG, PACKAGE_RECORD
+from egmf.train.checkpoint import BEST_RECORD, saved_weights
+from egmf.train.config import Config, config_from_table
+from egmf.train.evaluation import describe_selection
+
+TOKENIZER_DIR = "tokenizer"
+MODEL_CARD = "README.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egmf-export",
+        description=__doc__.split("\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+        allow_abbrev=False,
+    )
+    parser.add_argument("--model", required=True, help="a run's best/ folder or a checkpoint folder")
+    parser.add_argument("--out", required=True, help="the package folder (replaced whole if it exists)")
+    parser.add_argument("--base-model", help="the base model's hub id or path, as the package should name it")
+    return parser
+
+
+def chosen_record(model_dir: str) -> dict:
+    """best.json of a best/ folder (step, score, the evaluation's metrics); {} for a checkpoint."""
+    path = os.path.join(model_dir, BEST_RECORD)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        record = json.load(f)
+    return {"step": record["step"], "score": record["score"], "metrics": record.get("metrics", {})}
+
+
+def export_package(model_dir: str, out: str, base_model: str = "") -> str:
+    """Write the package of a best/ folder or a checkpoint to `out`; returns `out`."""
+    from egmf.model.llm import load_tokenizer
+
+    table, weights = saved_weights(model_dir)
+    cfg = config_from_table(table)
+    base = base_model or os.path.abspath(cfg.llm.path)
+    with building(out) as partial:
+        for name in (ADAPTER_DIR, FUSION_WEIGHTS, FUSION_META):
+            source = os.path.join(weights, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(partial, name))
+            elif os.path.isfile(source):
+                shutil.copy2(source, partial)
+        point_adapter_at(os.path.join(partial, ADAPTER_DIR), base)
+        load_tokenizer(cfg.llm.path, cfg.llm.pad_token).save_pretrained(os.path.join(partial, TOKENIZER_DIR))
+        table = cfg.to_dict()
+        table["llm"]["path"] = base
+        write_json(os.path.join(partial, PACKAGE_CONFIG), table)
+        record = {
+            "format": 1,
+            "base_model": base,
+            "datasets": dataset_dims(weights, cfg),
+            "chosen": chosen_record(model_dir) | {"selected_on": describe_selection(cfg.eval, cfg.data.eval)},
+            "decoding": cfg.eval.select_mode,
+        }
+        write_json(os.path.join(partial, PACKAGE_RECORD), record)
+        write_atomically(os.path.join(partial, MODEL_CARD), model_card(record, cfg).encode("utf-8"))
+    return out
+
+
+def point_adapter_at(adapter_dir: str, base: str) -> None:
+    """Set the adapter's base_model_name_or_path, so that peft's Auto classes load the right base model."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(path):  # the ablation without LoRA has no adapter
+        return
+    with open(path) as f:
+        adapter = json.load(f)
+    adapter["base_model_name_or_path"] = base
+    write_json(path, adapter)
+
+
+def dataset_dims(weights: str, cfg: Config) -> dict[str, list[int]]:
+    """{dataset: [audio dims, vision dims]} the fusion module was built for (the evaluated datasets of a text-only
+    model, which has no front ends)."""
+    path = os.path.join(weights, FUSION_META)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)["feature_dims"]
+    return {dataset: [0, 0] for dataset in cfg.data.eval}
+
+
+def model_card(record: dict, cfg: Config) -> str:
+    chosen = record["chosen"]
+    metrics = "\n".join(
+        f"| {key} | {value:.4f} |" for key, value in sorted(chosen.get("metrics", {}).items()) if "/samples" not in key
+    )
+    return f"""# EGMF model
+
+Three fusion experts (local, cross-modal semantic, global context) with hierarchical gating, injected as
+{cfg.fusion.num_pseudo_tokens} pseudo tokens into the prompt of a LoRA-adapted causal LLM that answers emotion
+classes and sentiment scores as text.
+
+- Base model: `{record["base_model"]}` (LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, on
+  {", ".join(cfg.lora.target_modules)})
+- Datasets: {", ".join(record["datasets"])}
+- Chosen at step {chosen.get("step", "?")} on {chosen["selected_on"]}; decoding: {record["decoding"]}
+
+## Metrics of the evaluation that chose it
+
+| metric | value |
+|---|---|
+{metrics or "| (none recorded) | |"}
+
+## Use
+
+    egmf-predict --model PACKAGE --data SHARD_ROOT --split test --out predictions.jsonl
+
+or in Python (the egmf package installed):
+
+    from egmf.model.egmf_model import EGMFModel
+    model = EGMFModel.from_pretrained("PACKAGE")            # or base_model="/path/to/local/base"
+
+The adapter alone loads with peft: `AutoPeftModelForCausalLM.from_pretrained("PACKAGE/adapter")`.
+Features must be given as the datasets' builders write them; the model standardises them itself.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = export_package(args.model, args.out, args.base_model or "")
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"package written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

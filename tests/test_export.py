@@ -1,0 +1,67 @@
+"""egmf-export: a package that loads from itself and its base model alone (in a fresh process, after the run's
+folder is gone) and predicts what best/ predicts; its adapter loads with peft's Auto class; a model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from run_helpers import REPO
+
+from egmf.model.egmf_model import EGMFModel
+from egmf.train import export_main, predict_main
+from egmf.train.checkpoint import saved_weights
+from egmf.train.config import config_from_table
+from egmf.train.saved_model import load_saved_model
+
+
+def test_a_package_stands_alone_and_predicts_what_best_predicts(trained_best, train_shards, tiny_llm, tmp_path):
+    run_copy = shutil.copytree(trained_best, tmp_path / "run" / "best")
+    package = str(tmp_path / "package")
+    assert export_main.main(["--model", str(run_copy), "--out", package]) == 0
+    shutil.rmtree(tmp_path / "run")  # nothing of the run is left
+    names = sorted(os.listdir(package))
+    assert names == sorted(
+        ["README.md", "adapter", "config.json", "egmf_package.json", "fusion.json", "fusion.safetensors", "tokenizer"]
+    )
+    record = json.load(open(os.path.join(package, "egmf_package.json")))
+    assert record["base_model"] == os.path.abspath(tiny_llm) and len(record["datasets"]) == 4
+    assert record["chosen"]["step"] == 4 and record["chosen"]["selected_on"].startswith("valid (constrained)")
+    card = open(os.path.join(package, "README.md")).read()
+    assert "Chosen at step 4 on valid (constrained)" in card and "EGMFModel.from_pretrained" in card
+
+    # the same model as best/'s: every weight, including the standardisation statistics
+    from_package = EGMFModel.from_pretrained(package)
+    table, weights = saved_weights(trained_best)
+    from_best = load_saved_model(config_from_table(table), weights, torch.device("cpu"))
+    theirs = dict(from_best.named_parameters()) | dict(from_best.named_buffers())
+    ours = dict(from_package.named_parameters()) | dict(from_package.named_buffers())
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+    # egmf-predict on the package, in a fresh process, equals egmf-predict on best/
+    expected = str(tmp_path / "best.jsonl")
+    assert predict_main.main(["--model", trained_best, "--data", train_shards, "--out", expected]) == 0
+    got = str(tmp_path / "package.jsonl")
+    command = [sys.executable, "launch/predict.py", "--model", package, "--data", train_shards, "--out", got]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert open(got).read() == open(expected).read()
+
+
+def test_the_adapter_loads_with_peft_auto_class(trained_best, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    package = str(tmp_path / "package")
+    assert export_main.main(["--model", trained_best, "--out", package]) == 0
+    model = AutoPeftModelForCausalLM.from_pretrained(os.path.join(package, "adapter"))
+    assert any("lora_B" in name and p.abs().sum() > 0 for name, p in model.named_parameters())
+
+
+def test_a_bad_model_folder_is_refused(tmp_path, capsys):
+    assert export_main.main(["--model", str(tmp_path), "--out", str(tmp_path / "package")]) == 2
+    assert "nor a package" in capsys.readouterr().err and not (tmp_path / "package").exists()
