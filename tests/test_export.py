@@ -65,3 +65,24 @@ def test_the_adapter_loads_with_peft_auto_class(trained_best, tmp_path):
 def test_a_bad_model_folder_is_refused(tmp_path, capsys):
     assert export_main.main(["--model", str(tmp_path), "--out", str(tmp_path / "package")]) == 2
     assert "nor a package" in capsys.readouterr().err and not (tmp_path / "package").exists()
+
+
+def test_merged_lora_predicts_what_the_adapter_predicts(trained_best, train_shards, tmp_path, capsys):
+    package = str(tmp_path / "package")
+    assert export_main.main(["--model", trained_best, "--out", package, "--merge-lora"]) == 0
+    assert os.path.isfile(os.path.join(package, "merged", "config.json"))
+    rows = {}
+    for name, extra in (("adapter", []), ("merged", ["--merged"])):
+        out = str(tmp_path / f"{name}.jsonl")
+        args = ["--model", package, "--data", train_shards, "--datasets", "demo_cls_en", "--out", out, *extra]
+        assert predict_main.main(args) == 0
+        rows[name] = [json.loads(line) for line in open(out)]
+    for adapter, merged in zip(rows["adapter"], rows["merged"], strict=True):
+        assert adapter["prediction"] == merged["prediction"]
+        for label, p in adapter["probabilities"].items():
+            assert abs(p - merged["probabilities"][label]) < 1e-4
+    unmerged = str(tmp_path / "unmerged")
+    assert export_main.main(["--model", trained_best, "--out", unmerged]) == 0
+    args = ["--model", unmerged, "--data", train_shards, "--out", str(tmp_path / "x.jsonl"), "--merged"]
+    assert predict_main.main(args) == 2
+    assert "holds no merged/" in capsys.readouterr().err

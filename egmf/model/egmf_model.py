@@ -34,6 +34,8 @@ FUSION_META = "fusion.json"
 PACKAGE_RECORD = "egmf_package.json"
 """The record of an exported package (egmf-export): its base model, datasets and chosen model's metrics."""
 PACKAGE_CONFIG = "config.json"
+MERGED_DIR = "merged"
+"""In a package exported with --merge-lora: the LLM with the adapter merged in."""
 
 
 @dataclass
@@ -95,9 +97,12 @@ class EGMFModel(nn.Module):
         return cls(llm, tokenizer, fusion, PromptBuilder(prompt_cfg, tokenizer, fusion_cfg.num_pseudo_tokens))
 
     @classmethod
-    def from_pretrained(cls, package: str, device: str | torch.device = "cpu", base_model: str = "") -> EGMFModel:
+    def from_pretrained(
+        cls, package: str, device: str | torch.device = "cpu", base_model: str = "", merged: bool = False
+    ) -> EGMFModel:
         """The model of a package written by egmf-export, from the package alone and its base model (the one the
-        package names, or `base_model`: a local folder)."""
+        package names, or `base_model`: a local folder); `merged`: the package's merged LLM instead of base model
+        plus adapter (egmf-export --merge-lora)."""
         with open(os.path.join(package, PACKAGE_RECORD)) as f:
             record = json.load(f)
         with open(os.path.join(package, PACKAGE_CONFIG)) as f:
@@ -115,6 +120,8 @@ class EGMFModel(nn.Module):
         if problems:
             raise ConfigError(f"{package}/{PACKAGE_CONFIG}: " + "; ".join(problems))
         llm_cfg.path = base_model or record["base_model"]
+        if merged:
+            llm_cfg.path, lora_cfg.enabled = os.path.join(package, MERGED_DIR), False
         dims = {name: tuple(d) for name, d in record["datasets"].items()}
         model = cls.build(fusion_cfg, prompt_cfg, llm_cfg, lora_cfg, dims, torch.device(device))
         model.load_exported(package)

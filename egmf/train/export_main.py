@@ -15,6 +15,10 @@
     config.json             the run's whole config (prompt templates and label words included)
     egmf_package.json       base model, datasets, and the chosen model's step, selection and metrics
     README.md               the model card
+    merged/                 with --merge-lora: the base model with the adapter merged in (peft's
+                            merge_and_unload, done on the CPU in float32, then saved in the base model's
+                            dtype) and its tokenizer; load it with EGMFModel.from_pretrained(PKG,
+                            merged=True) or egmf-predict --model PKG --merged
 
 It is written as a whole (a partial package is never left looking complete).
 A package needs its base model and nothing from the run directory. Exit code
@@ -31,7 +35,14 @@ import sys
 
 from egmf.atomic import building, write_atomically, write_json
 from egmf.errors import CheckpointError, ConfigError
-from egmf.model.egmf_model import ADAPTER_DIR, FUSION_META, FUSION_WEIGHTS, PACKAGE_CONFIG, PACKAGE_RECORD
+from egmf.model.egmf_model import (
+    ADAPTER_DIR,
+    FUSION_META,
+    FUSION_WEIGHTS,
+    MERGED_DIR,
+    PACKAGE_CONFIG,
+    PACKAGE_RECORD,
+)
 from egmf.train.checkpoint import BEST_RECORD, saved_weights
 from egmf.train.config import Config, config_from_table
 from egmf.train.evaluation import describe_selection
@@ -51,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a run's best/ folder or a checkpoint folder")
     parser.add_argument("--out", required=True, help="the package folder (replaced whole if it exists)")
     parser.add_argument("--base-model", help="the base model's hub id or path, as the package should name it")
+    parser.add_argument("--merge-lora", action="store_true", help="also write the base model with the adapter merged")
     return parser
 
 
@@ -64,7 +76,7 @@ def chosen_record(model_dir: str) -> dict:
     return {"step": record["step"], "score": record["score"], "metrics": record.get("metrics", {})}
 
 
-def export_package(model_dir: str, out: str, base_model: str = "") -> str:
+def export_package(model_dir: str, out: str, base_model: str = "", merge_lora: bool = False) -> str:
     """Write the package of a best/ folder or a checkpoint to `out`; returns `out`."""
     from egmf.model.llm import load_tokenizer
 
@@ -92,7 +104,28 @@ def export_package(model_dir: str, out: str, base_model: str = "") -> str:
         }
         write_json(os.path.join(partial, PACKAGE_RECORD), record)
         write_atomically(os.path.join(partial, MODEL_CARD), model_card(record, cfg).encode("utf-8"))
+        if merge_lora:
+            write_merged(cfg.llm.path, os.path.join(partial, ADAPTER_DIR), os.path.join(partial, MERGED_DIR))
     return out
+
+
+def write_merged(base_path: str, adapter_dir: str, out: str) -> None:
+    """The base model with the adapter merged into its weights. Merged on the CPU in float32 (peft advises
+    against merging into half-precision weights: rounding), then saved in the base model's own dtype."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from egmf.model.llm import load_tokenizer
+
+    if not os.path.isdir(adapter_dir):
+        raise ConfigError("--merge-lora: the model has no LoRA adapter (trained with lora.enabled = false)")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    saved_dtype = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None) or torch.float32
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.to(saved_dtype if isinstance(saved_dtype, torch.dtype) else getattr(torch, str(saved_dtype)))
+    merged.save_pretrained(out)
+    load_tokenizer(base_path).save_pretrained(out)
 
 
 def point_adapter_at(adapter_dir: str, base: str) -> None:
@@ -147,7 +180,8 @@ or in Python (the egmf package installed):
     from egmf.model.egmf_model import EGMFModel
     model = EGMFModel.from_pretrained("PACKAGE")            # or base_model="/path/to/local/base"
 
-The adapter alone loads with peft: `AutoPeftModelForCausalLM.from_pretrained("PACKAGE/adapter")`.
+The adapter alone loads with peft: `AutoPeftModelForCausalLM.from_pretrained("PACKAGE/adapter")`. A package
+exported with --merge-lora also holds the merged LLM: `EGMFModel.from_pretrained("PACKAGE", merged=True)`.
 Features must be given as the datasets' builders write them; the model standardises them itself.
 """
 
@@ -155,7 +189,7 @@ Features must be given as the datasets' builders write them; the model standardi
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = export_package(args.model, args.out, args.base_model or "")
+        out = export_package(args.model, args.out, args.base_model or "", args.merge_lora)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

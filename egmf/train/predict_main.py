@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", default="constrained", choices=DECODING_MODES, help="decoding (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, help="samples per batch on each rank (default: eval.batch_size)")
     parser.add_argument("--llm-path", help="base model folder (default: llm.path of the saved config)")
+    parser.add_argument("--merged", action="store_true", help="a package's merged LLM (egmf-export --merge-lora)")
     return parser
 
 
@@ -101,7 +102,18 @@ def prediction_overrides(args: argparse.Namespace, datasets: list[str]) -> list[
         overrides.append(f"--eval.batch_size={args.batch_size}")
     if args.llm_path:
         overrides.append(f"--llm.path={args.llm_path}")
+    if args.merged:  # the adapter is in the merged weights; the LLM gets none on top
+        overrides += [f"--llm.path={merged_llm(args.model)}", "--lora.enabled=false"]
     return overrides
+
+
+def merged_llm(package: str) -> str:
+    from egmf.model.egmf_model import MERGED_DIR
+
+    path = os.path.join(package, MERGED_DIR)
+    if not os.path.isdir(path):
+        raise ConfigError(f"--merged: {package} holds no {MERGED_DIR}/ (export it with egmf-export --merge-lora)")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
