@@ -44,6 +44,10 @@ class MLflowConfig:
     """Log CPU/GPU/memory metrics of the logging rank's node in the background."""
     parent_run_id: str = ""
     """Make the run a child of this run (egmf-sweep: one child per seed under the sweep's parent run)."""
+    log_model: bool = False
+    """At the end, export the best model as a package (OUTPUT_DIR/package) and log it as an MLflow pyfunc model."""
+    register_as: str = ""
+    """With log_model: register the logged model under this name in the Model Registry."""
 
 
 class NullTracker:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -142,24 +144,13 @@ def train_shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def trained_best(train_shards, tiny_llm, tmp_path_factory) -> str:
-    """best/ of a 4-step run on the test shards (one process; read-only)."""
-    from egmf.train.main import main as train_main
-
+    """best/ of a 4-step run on the test shards (read-only). In its own process: DeepSpeed caches its process
+    groups per process, so a second in-process run (test_train_smoke.py) would find this one's, destroyed."""
     out = str(tmp_path_factory.mktemp("trained") / "run")
-    code = train_main(
-        [
-            f"--data.root={train_shards}",
-            f"--llm.path={tiny_llm}",
-            f"--train.output_dir={out}",
-            "--train.steps=4",
-            "--eval.every=0",
-            "--data.batch_size=4",
-            "--data.num_workers=0",
-            "--optim.warmup_steps=1",
-            "--eval.modes=['constrained']",
-            "--eval.batch_size=24",
-            "--mlflow.enabled=false",
-        ]
-    )
-    assert code == 0
+    args = [f"--data.root={train_shards}", f"--llm.path={tiny_llm}", f"--train.output_dir={out}", "--train.steps=4"]
+    args += ["--eval.every=0", "--data.batch_size=4", "--data.num_workers=0", "--optim.warmup_steps=1"]
+    args += ["--eval.modes=['constrained']", "--eval.batch_size=24", "--mlflow.system_metrics=false"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "launch/train.py", *args], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-5000:]
     return os.path.join(out, "best")

@@ -86,3 +86,56 @@ def test_merged_lora_predicts_what_the_adapter_predicts(trained_best, train_shar
     args = ["--model", unmerged, "--data", train_shards, "--out", str(tmp_path / "x.jsonl"), "--merged"]
     assert predict_main.main(args) == 2
     assert "holds no merged/" in capsys.readouterr().err
+
+
+PYFUNC_CHECK = """
+import json, sys
+import mlflow
+import numpy as np
+from egmf.data.tar_samples import BadSamples, decode_valid, read_shard
+from egmf.shards.manifest import load_manifest
+
+tracking_uri, shards = sys.argv[1], sys.argv[2]
+mlflow.set_tracking_uri(tracking_uri)
+model = mlflow.pyfunc.load_model("models:/egmf-demo/1")
+records = []
+for dataset in ("demo_cls_en", "demo_reg_en"):
+    manifest = load_manifest(shards, dataset, "test")
+    bad = BadSamples(0)
+    samples = [decode_valid(raw, manifest, bad) for raw in read_shard(manifest.shard_url(0), 3, bad)]
+    for s in samples[:3]:
+        audio = s.audio.astype(np.float32).tolist()  # nested lists
+        np.save(f"{s.meta['id']}.npy", s.vision.astype(np.float32))  # a path
+        records.append({"id": s.meta["id"], "dataset": dataset, "text": s.meta["text"], "audio": audio,
+                        "vision": f"{s.meta['id']}.npy"})
+import pandas as pd
+rows = model.predict(pd.DataFrame(records)).to_dict("records")
+print(json.dumps(rows))
+"""
+
+
+def test_the_model_is_logged_and_registered_in_mlflow_and_predicts_in_a_fresh_process(
+    trained_best, train_shards, tmp_path
+):
+    package = str(tmp_path / "package")
+    args = ["--model", trained_best, "--out", package, "--mlflow", "--register-as", "egmf-demo"]
+    assert export_main.main(args) == 0
+    record = json.load(open(os.path.join(os.path.dirname(trained_best), "mlflow_run.json")))
+    done = subprocess.run(
+        [sys.executable, "-c", PYFUNC_CHECK, record["tracking_uri"], train_shards],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    expected_file = str(tmp_path / "expected.jsonl")
+    assert predict_main.main(["--model", trained_best, "--data", train_shards, "--out", expected_file]) == 0
+    expected = {(r["dataset"], r["id"]): r for r in map(json.loads, open(expected_file))}
+    assert len(rows) == 6
+    for row in rows:
+        want = expected[row["dataset"], row["id"]]
+        assert row["prediction"] == want["prediction"] and row["gate"].keys() == want["gate"].keys()
+        if row["dataset"] == "demo_cls_en":
+            assert all(abs(p - want["probabilities"][c]) < 1e-5 for c, p in row["probabilities"].items())

@@ -30,6 +30,8 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
             "--mlflow.system_metrics=false",
             "--checkpoint.every_minutes=0.0001",  # the clock asks for a save after every step
             "--checkpoint.keep_last=3",
+            "--mlflow.log_model=true",
+            "--mlflow.register_as=egmf-smoke",
             *SMALL_EVAL,
         ]
     )
@@ -49,6 +51,8 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     assert os.path.isfile(os.path.join(out, "best", "best.json"))
     client, run = only_run(out)
     assert run.info.status == "FINISHED"
+    version = client.get_latest_versions("egmf-smoke")[0]  # the best model, logged and registered at the end
+    assert version.run_id == run.info.run_id and os.path.isfile(os.path.join(out, "package", "egmf_package.json"))
     schedule = run.data.tags["schedule"]
     assert schedule.startswith("2 optimizer steps") and "every 0.0001 min" in schedule
     assert run.data.params["optim.grad_accum"] == "2"

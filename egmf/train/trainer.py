@@ -52,6 +52,8 @@ from egmf.train.throughput import Window, llm_flops_per_token, peak_flops
 logger = logging.getLogger("egmf.train")
 
 FINAL_METRICS = "final_metrics.json"
+PACKAGE = "package"
+"""OUTPUT_DIR/package: the best model exported for MLflow (mlflow.log_model)."""
 PREDICTIONS = "predictions"
 # A gate that gives one expert more than this weight for this many logging windows in a row has collapsed.
 COLLAPSE_WEIGHT = 0.95
@@ -448,6 +450,7 @@ class Trainer:
         )
         self.tracker.set_tags({"selection": f"step {self.state.best_step} of {self.state.step}, on {selection}"})
         self.log_final_artifacts()
+        self.log_best_model()
         write_json(
             os.path.join(self.output_dir, FINAL_METRICS),
             {
@@ -504,6 +507,23 @@ class Trainer:
             self.tracker.log_artifact(folder, f"predictions/{tag}")
         if os.path.isdir(os.path.join(self.output_dir, checkpoint.BEST)):
             self.tracker.log_artifact(os.path.join(self.output_dir, checkpoint.BEST), "best_model")
+
+    def log_best_model(self) -> None:
+        """mlflow.log_model: the best model as a package and an MLflow pyfunc model (registered as
+        mlflow.register_as); a run with no best model or without MLflow logs none."""
+        best = os.path.join(self.output_dir, checkpoint.BEST)
+        if not (self.cfg.mlflow.log_model and self.tracker.run_id and os.path.isdir(best)):
+            return
+        from egmf.train.package import export_package
+        from egmf.train.pyfunc_model import log_package_model
+
+        package = export_package(best, os.path.join(self.output_dir, PACKAGE))
+        uri = log_package_model(package, self.tracker.run_id, self.tracker.uri, self.cfg.mlflow.register_as)
+        logger.info(
+            "best model logged to MLflow as %s%s",
+            uri,
+            f" ({self.cfg.mlflow.register_as})" * bool(self.cfg.mlflow.register_as),
+        )
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
