@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from run_helpers import REPO
 
@@ -19,6 +20,7 @@ from egmf.train.config import config_from_table
 from egmf.train.saved_model import load_saved_model
 
 
+@pytest.mark.slow
 def test_a_package_stands_alone_and_predicts_what_best_predicts(trained_best, train_shards, tiny_llm, tmp_path):
     run_copy = shutil.copytree(trained_best, tmp_path / "run" / "best")
     package = str(tmp_path / "package")
@@ -53,6 +55,7 @@ def test_a_package_stands_alone_and_predicts_what_best_predicts(trained_best, tr
     assert open(got).read() == open(expected).read()
 
 
+@pytest.mark.slow
 def test_the_adapter_loads_with_peft_auto_class(trained_best, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
@@ -67,6 +70,7 @@ def test_a_bad_model_folder_is_refused(tmp_path, capsys):
     assert "nor a package" in capsys.readouterr().err and not (tmp_path / "package").exists()
 
 
+@pytest.mark.slow
 def test_merged_lora_predicts_what_the_adapter_predicts(trained_best, train_shards, tmp_path, capsys):
     package = str(tmp_path / "package")
     assert export_main.main(["--model", trained_best, "--out", package, "--merge-lora"]) == 0
@@ -114,6 +118,7 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.slow
 def test_the_model_is_logged_and_registered_in_mlflow_and_predicts_in_a_fresh_process(
     trained_best, train_shards, tmp_path
 ):

@@ -18,6 +18,8 @@ from egmf.train import evaluate_main, predict_main
 
 DATASETS = ("demo_cls_en", "demo_reg_en")
 
+pytestmark = pytest.mark.slow  # a trained model (a 4-step run in its own process) and decoding
+
 
 @pytest.fixture
 def best(trained_best: str) -> str:
@@ -79,7 +81,6 @@ def test_bad_requests_fail_before_decoding(best, train_shards, tmp_path, capsys)
     assert not os.path.exists(tmp_path / "p.jsonl")
 
 
-@pytest.mark.slow
 def test_each_sample_is_predicted_once_over_two_ranks(best, train_shards, tmp_path):
     out = str(tmp_path / "two_ranks.jsonl")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]

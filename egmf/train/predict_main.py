@@ -4,8 +4,9 @@
     egmf-predict --model runs/mosei/best --data /data/shards --datasets mosei --out mosei_test.csv
     torchrun --nproc_per_node 8 launch/predict.py --model ... --out ...     # each sample predicted once
 
---model is a run's best/ folder or a checkpoint; the model is rebuilt from the
-config saved with it (the base LLM from llm.path, or --llm-path). --data is a
+--model is a run's best/ folder, a checkpoint or a package (egmf-export); the
+model is rebuilt from the config saved with it (the base LLM from llm.path, or
+--llm-path). --data is a
 shard root: every dataset under it that has the split and that the model
 knows is predicted, unless --datasets chooses. One output row per sample,
 sorted by dataset and id (JSONL; CSV flattens the same):
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         allow_abbrev=False,
     )
-    parser.add_argument("--model", required=True, help="a run's best/ folder or a checkpoint folder")
+    parser.add_argument("--model", required=True, help="a run's best/ folder, a checkpoint folder or a package")
     parser.add_argument("--data", required=True, help="a shard root")
     parser.add_argument("--split", default="test", help="the split to predict (default: %(default)s)")
     parser.add_argument("--datasets", help="comma-separated (default: every dataset of the root the model knows)")

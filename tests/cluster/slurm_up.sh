@@ -47,8 +47,9 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd-%n.log
-# Quick turnaround for tests: jobs leave squeue soon, a killed step is SIGKILLed 10 s after SIGTERM.
-MinJobAge=30
+# Finished jobs stay known to scontrol for 10 min (a test reads the restart count after a loaded run);
+# a killed step is SIGKILLed 10 s after SIGTERM.
+MinJobAge=600
 KillWait=10
 # A requeued job may start again cred_expire seconds after it stopped (default 120).
 AuthInfo=cred_expire=10
