@@ -2,7 +2,7 @@
 #   make test      - create .venv (torch 2.13.0 CPU first, then this project) and run every test tier
 #   make train     - the main job on the embedded default: demo shards + tiny LLM (built if missing),
 #                    2 CPU ranks under deepspeed on ds_configs/zero2.json, MLflow store in runs/demo
-#   make test-fast - the fast tier (no slow/cluster/browser/gpu tests), under 2 minutes with a ready venv
+#   make test-fast - the fast tier (no slow/cluster/browser/gpu tests), about 2 minutes with a ready venv
 #   make sweep     - the demo trained with 3 seeds (egmf-sweep) and its mean ± std table (egmf-report), in runs/demo-sweep
 #   make demo      - build the demo shards under shards/demo and summarise them
 #   make bench     - the CPU benchmarks (docs/benchmarks.md)
