@@ -68,16 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: Config, weights: str, out_dir: str) -> int:
     import torch
 
-    from egmf.data.transport import kill_leftover_workers
-    from egmf.distributed import close_distributed, init_distributed, pick_device, world_info_from_env
     from egmf.train.evaluation import evaluate, flat_metrics, write_evaluation
-    from egmf.train.saved_model import load_saved_model
+    from egmf.train.saved_model import decoding_world, load_saved_model
 
-    world = world_info_from_env()
-    device = pick_device(world, cfg.train.device)
-    if world.world_size > 1:
-        init_distributed(world, device)
-    try:
+    with decoding_world(cfg.train.device) as (world, device):
         model = load_saved_model(cfg, weights, device)
         metrics, all_rows = {}, []
         with torch.no_grad():
@@ -90,7 +84,4 @@ def run(cfg: Config, weights: str, out_dir: str) -> int:
             for key, value in metrics.items():
                 print(f"{key:60s} {value:.4f}")
             print(f"\nwritten to {out_dir}")
-    finally:
-        close_distributed()
-        kill_leftover_workers()
     return 0

@@ -133,17 +133,11 @@ def run(cfg: Config, weights: str, split: str, mode: str, out: str) -> int:
     from tqdm import tqdm
 
     from egmf.data.loader import EvalLoader
-    from egmf.data.transport import kill_leftover_workers
-    from egmf.distributed import close_distributed, init_distributed, pick_device, world_info_from_env
     from egmf.train.evaluation import gather_rows
     from egmf.train.prediction_rows import prediction_row, write_rows
-    from egmf.train.saved_model import load_saved_model
+    from egmf.train.saved_model import decoding_world, load_saved_model
 
-    world = world_info_from_env()
-    device = pick_device(world, cfg.train.device)
-    if world.world_size > 1:
-        init_distributed(world, device)
-    try:
+    with decoding_world(cfg.train.device) as (world, device):
         model = load_saved_model(cfg, weights, device)
         model.eval()
         experts = list(model.fusion.cfg.experts) if model.fusion is not None else []
@@ -165,9 +159,6 @@ def run(cfg: Config, weights: str, split: str, mode: str, out: str) -> int:
             rows.sort(key=lambda row: (row["dataset"], row["id"]))
             write_rows(out, rows)
             print(f"{len(rows)} predictions of {', '.join(cfg.data.eval)} ({split}, {mode}) written to {out}")
-    finally:
-        close_distributed()
-        kill_leftover_workers()
     return 0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -33,3 +35,22 @@ def load_saved_model(cfg: Config, weights: str, device: torch.device) -> EGMFMod
     model = EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, saved_feature_dims(cfg, weights), device)
     model.load_exported(weights)
     return model
+
+
+@contextmanager
+def decoding_world(device_choice: str) -> Iterator[tuple]:
+    """(world, device) for decoding a saved model on the launcher's ranks (one process, torchrun, deepspeed,
+    srun): the process group when there are several ranks, and afterwards no process group, launcher variables
+    or loader workers left behind."""
+    from egmf.data.transport import kill_leftover_workers
+    from egmf.distributed import close_distributed, init_distributed, pick_device, world_info_from_env
+
+    world = world_info_from_env()
+    device = pick_device(world, device_choice)
+    if world.world_size > 1:
+        init_distributed(world, device)
+    try:
+        yield world, device
+    finally:
+        close_distributed()
+        kill_leftover_workers()
