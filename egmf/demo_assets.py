@@ -6,9 +6,10 @@
 A run whose datasets are all demo sets (egmf.datasets.DEMO_DATASETS) builds
 what it lacks instead of failing, so `make train` and `egmf-train` with no
 arguments work on a fresh clone. Demo shards written by an older design of the
-demo (their manifest's `source.design`) count as missing and are rebuilt. A run
-on any other dataset never builds anything: its missing model or shards are
-errors.
+demo (their manifest's `source.design`) count as missing and are rebuilt, but
+nothing is built over a demo set's split that was built from other input
+(egmf-shards build --format jsonl). A run on any other dataset never builds
+anything: its missing model or shards are errors.
 """
 
 from __future__ import annotations
@@ -28,17 +29,23 @@ def is_demo(datasets: list[str]) -> bool:
 
 
 def shards_missing(root: str, splits: list[tuple[str, str]]) -> bool:
-    """Whether any (dataset, split) has no manifest under `root`, or a demo set's is of an older demo design."""
-    return any(split_missing(os.path.join(root, d, s, MANIFEST_NAME), d in DEMO_DATASETS) for d, s in splits)
+    """Whether any (dataset, split) has no manifest under `root`, or a demo set's is of an older demo design. Never
+    when one of them was built from other input (egmf-shards build): the demo build would overwrite it."""
+    states = [split_state(os.path.join(root, d, s, MANIFEST_NAME), d in DEMO_DATASETS) for d, s in splits]
+    return "built from other input" not in states and any(state != "current" for state in states)
 
 
-def split_missing(manifest_path: str, demo: bool) -> bool:
+def split_state(manifest_path: str, demo: bool) -> str:
+    """'missing', 'older demo design', 'built from other input' or 'current'."""
     if not os.path.isfile(manifest_path):
-        return True
+        return "missing"
     if not demo:
-        return False
+        return "current"
     with open(manifest_path) as f:
-        return json.load(f).get("source", {}).get("design") != DEMO_DESIGN
+        source = json.load(f).get("source", {})
+    if source.get("format") != "demo":
+        return "built from other input"
+    return "older demo design" if source.get("design") != DEMO_DESIGN else "current"
 
 
 def demo_assets_missing(root: str, splits: list[tuple[str, str]], llm_path: str) -> bool:

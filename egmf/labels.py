@@ -51,7 +51,8 @@ class Verbaliser:
         spec = get_spec(dataset)
         if spec.task != CLASSIFICATION:
             return cls(spec, {})
-        chosen = {name: (words or {}).get(name, DEFAULT_WORDS[spec.lang].get(name, name)) for name in spec.labels}
+        defaults = {name: spec.label_words.get(name, DEFAULT_WORDS[spec.lang].get(name, name)) for name in spec.labels}
+        chosen = {name: (words or {}).get(name, default) for name, default in defaults.items()}
         unknown = set(words or {}) - set(spec.labels)
         if unknown:
             raise ConfigError(

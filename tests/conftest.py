@@ -7,11 +7,13 @@ test-fast` runs every test without these markers; `make test` runs them all.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -154,3 +156,32 @@ def trained_best(train_shards, tiny_llm, tmp_path_factory) -> str:
     done = subprocess.run([sys.executable, "launch/train.py", *args], cwd=repo, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-5000:]
     return os.path.join(out, "best")
+
+
+def split_as_jsonl(root: str, dataset: str, split: str, out_dir: str, labels: bool = True) -> str:
+    """A shard split written back in the builder's JSONL format (audio as .npy files beside it, vision inline),
+    with or without its labels; returns the .jsonl path."""
+    from egmf.shards.format import decode_sample
+    from egmf.shards.manifest import load_manifest
+
+    manifest = load_manifest(root, dataset, split)
+    os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
+    lines = []
+    for index in range(len(manifest.shards)):
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(manifest.shard_url(index)) as tar:
+            for info in tar:
+                key, suffix = info.name.split(".", 1)
+                samples.setdefault(key, {})[suffix] = tar.extractfile(info).read()
+        for members in samples.values():
+            sample = decode_sample(members)
+            np.save(os.path.join(out_dir, "audio", f"{sample.id}.npy"), sample.audio)
+            row = {"id": sample.id, "text": sample.meta["text"], "audio": f"audio/{sample.id}.npy"}
+            row["vision"] = sample.vision.astype(np.float64).tolist()
+            if labels:
+                row["label"] = sample.meta["label"]
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    path = os.path.join(out_dir, f"{dataset}_{split}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    return path

@@ -166,7 +166,7 @@ def test_shape_mismatch_within_split(tmp_path, capsys):
         mse_args(tmp_path / "meld", tmp_path / "out"),
         "meld/valid sample 'meld_valid_00002'",
         "vision dim is 63",
-        "earlier samples of this split have 64",
+        "but the split's is 64",
     )
 
 

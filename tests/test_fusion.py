@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from egmf.errors import ConfigError
 from egmf.model.attention import masked_attention, resolve_backend
 from egmf.model.config import FusionConfig
 from egmf.model.experts import GlobalExpert, LocalExpert, SemanticExpert
@@ -236,3 +237,17 @@ def test_feature_dims_are_checked_against_the_manifests_before_training(demo_roo
         r"12 / 21.*demo_cls_zh/train: the model has no front end",
     ):
         check_feature_dims({"demo_cls_en": (16, 12), "demo_reg_zh": (12, 21)}, manifests)
+
+
+def test_a_shared_front_end_serves_a_second_dataset_exactly_like_its_own():
+    """fusion.shared_front_ends: a dataset featurised like a known one takes its front ends (no new weights) and
+    gets the very output the known one gets; other feature dims are refused."""
+    shared = build(shared_front_ends={"my_clips": "demo_cls_en"})
+    assert sorted(shared.audio_front) == sorted(DIMS) and shared.feature_dims["my_clips"] == DIMS["demo_cls_en"]
+    own, borrowed = shared(**inputs()), shared(**{**inputs(), "dataset": "my_clips"})
+    torch.testing.assert_close(borrowed.pseudo_tokens, own.pseudo_tokens)
+    with pytest.raises(ConfigError, match="my_clips: its features have dims"):
+        cfg = FusionConfig(width=32, heads=4, shared_front_ends={"my_clips": "demo_cls_en"})
+        FusionModule(cfg, {**DIMS, "my_clips": (5, 12)}, llm_hidden=LLM_HIDDEN, llm_embed_rms=0.05)
+    with pytest.raises(ConfigError, match="'meld' is not a dataset with its own front ends"):
+        build(shared_front_ends={"my_clips": "meld"})

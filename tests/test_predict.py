@@ -10,9 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import split_as_jsonl
 from run_helpers import REPO
 
 from egmf.distributed import free_port
+from egmf.shards import cli as shards_cli
 from egmf.shards.manifest import load_manifest
 from egmf.train import evaluate_main, predict_main
 
@@ -91,3 +93,35 @@ def test_each_sample_is_predicted_once_over_two_ranks(best, train_shards, tmp_pa
     for dataset in ("demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh"):  # every dataset the model knows
         ids = [r["id"] for r in rows if r["dataset"] == dataset]
         assert len(ids) == len(set(ids)) == load_manifest(train_shards, dataset, "test").num_samples, dataset
+
+
+def test_an_unlabeled_jsonl_split_is_predicted_as_egmf_evaluate_scores_the_labeled_one(best, train_shards, tmp_path):
+    """The demo test splits written as JSONL without labels, built with egmf-shards (and, for one set, given to
+    egmf-predict as the .jsonl itself): one row per sample, no label, the predictions egmf-evaluate makes on the
+    labeled splits."""
+    root = str(tmp_path / "unlabeled")
+    for dataset in DATASETS:
+        source = split_as_jsonl(train_shards, dataset, "test", str(tmp_path / dataset), labels=False)
+        build = ["build", "--format", "jsonl", "--dataset", dataset, "--split", "test", "--input", source]
+        assert shards_cli.main([*build, "--out", root]) == 0
+        assert not load_manifest(root, dataset, "test").labeled
+    out = str(tmp_path / "predictions.jsonl")
+    assert predict(best, root, out) == 0
+    rows = [json.loads(line) for line in open(out)]
+    for row in rows:
+        assert "label" not in row and abs(sum(row["gate"].values()) - 1) < 1e-5
+        if row["dataset"] == "demo_cls_en":
+            assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
+    evaluated = tmp_path / "eval"
+    code = evaluate_main.main(
+        ["--checkpoint", best, "--splits", "test", "--modes", "constrained", "--out", str(evaluated)]
+        + ["--datasets", ",".join(DATASETS), "--shards", train_shards]
+    )
+    assert code == 0
+    scored = {(r["dataset"], r["id"]): r["prediction"] for r in map(json.loads, open(evaluated / "test.jsonl"))}
+    assert {(r["dataset"], r["id"]): r["prediction"] for r in rows} == scored
+    direct = str(tmp_path / "direct.jsonl")
+    source = os.path.join(tmp_path, "demo_cls_en", "demo_cls_en_test.jsonl")
+    args = ["--model", best, "--data", source, "--datasets", "demo_cls_en", "--out", direct]
+    assert predict_main.main(args) == 0
+    assert [json.loads(line) for line in open(direct)] == [r for r in rows if r["dataset"] == "demo_cls_en"]

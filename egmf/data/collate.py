@@ -132,7 +132,9 @@ def collate(
     valid: list[bool] | None = None,
 ) -> Batch:
     labels = [s.meta["label"] for s in samples]
-    if manifest.task == CLASSIFICATION:
+    if not manifest.labeled:  # no targets: only decoding reads an unlabeled split
+        target = torch.full((len(samples),), -1 if manifest.task == CLASSIFICATION else float("nan"))
+    elif manifest.task == CLASSIFICATION:
         target = torch.tensor([manifest.labels.index(label) for label in labels], dtype=torch.int64)
     else:
         target = torch.tensor(labels, dtype=torch.float32)
@@ -153,7 +155,7 @@ def collate(
 
 def padding_batch(manifest: SplitManifest) -> Batch:
     """A one-sample batch with valid=False, for ranks that ran out of evaluation data."""
-    label = manifest.labels[0] if manifest.labels else 0.0
+    label = None if not manifest.labeled else manifest.labels[0] if manifest.labels else 0.0
     meta = {"id": "", "text": "", "label": label}
     sample = Sample(meta, np.zeros((1, manifest.audio_dim), np.float16), np.zeros((1, manifest.vision_dim), np.float16))
     return collate([sample], manifest, 1, 1, valid=[False])

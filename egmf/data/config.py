@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from egmf.config import range_problems
 from egmf.data.collate import TRUNCATION_POLICIES
-from egmf.datasets import DEMO_DATASETS, SPECS
+from egmf.datasets import DEMO_DATASETS, SPECS, add_spec, get_spec, is_known, spec_from_dict
+from egmf.errors import DataError
+from egmf.shards.manifest import MissingManifest, load_manifest
 
 
 @dataclass
@@ -37,13 +39,13 @@ class DataConfig:
     """Skipped bad samples tolerated per rank before loading stops with an error."""
     prefetch_batches: int = 2
     """Batches each worker prepares ahead."""
+    specs: dict[str, dict] = field(default_factory=dict)
+    """Datasets that are not built in: name -> spec (lang, task, labels or label_range, label_words; docs/data.md).
+    Read from the shards' manifests when not given; saved with the run, so its model knows them without shards."""
 
     def problems(self) -> list[str]:
-        """Every invalid value, one line each (empty when valid)."""
-        found = []
-        for name in list(self.train) + list(self.eval):
-            if name not in SPECS:
-                found.append(f"data: unknown dataset {name!r} (known: {', '.join(SPECS)})")
+        """Every invalid value, one line each (empty when valid). Makes the datasets of `specs` known first."""
+        found = self.resolve_specs()
         if not self.train:
             found.append("data.train: name at least one dataset to train on")
         found += [f"data.train.{name} must be > 0, got {w!r}" for name, w in self.train.items() if not w > 0]
@@ -53,3 +55,50 @@ class DataConfig:
         if self.truncation not in TRUNCATION_POLICIES:
             found.append(f"data.truncation: {self.truncation!r} is not one of {', '.join(TRUNCATION_POLICIES)}")
         return found
+
+    def resolve_specs(self) -> list[str]:
+        """Make every dataset of `specs`, and every named dataset that is not built in, known to this process
+        (egmf.datasets.add_spec): from `specs`, else from the dataset's manifest under `root`, which is then
+        recorded in `specs`. One line per dataset that stays unknown or contradicts another spec."""
+        found = []
+        for name, table in self.specs.items():
+            try:
+                add_spec(spec_from_dict({**table, "name": name}, f"data.specs.{name}"))
+            except DataError as exc:
+                found.append(str(exc))
+        for name in dict.fromkeys([*self.train, *self.eval]):
+            if name in SPECS or name in self.specs:
+                continue
+            try:
+                spec = spec_in_manifests(self.root, name)
+                add_spec(spec)
+            except DataError as exc:
+                if not is_known(name):  # known all the same: made known earlier in this process
+                    found.append(f"data: unknown dataset {name!r} ({exc})")
+                    continue
+                spec = get_spec(name)
+            self.specs[name] = {key: value for key, value in spec.to_dict().items() if key != "name"}
+        return found
+
+
+def spec_in_manifests(root: str, dataset: str):
+    """The spec the builder stored in the dataset's manifests under `root` (every split must agree), or a DataError
+    that says how to describe the dataset."""
+    specs = []
+    for split in ("train", "valid", "test"):
+        try:
+            specs.append(load_manifest(root, dataset, split).spec())
+        except MissingManifest:
+            continue
+    if not specs:
+        raise DataError(
+            f"not built in, not in data.specs, and no manifest under {root}/{dataset}/ to read its spec from; build "
+            "its shards with `egmf-shards build --format jsonl --spec FILE` (docs/data.md) or fix the name"
+        )
+    differing = {str(s.to_dict()) for s in specs}
+    if len(differing) > 1:
+        raise DataError(
+            f"its splits under {root}/{dataset}/ were built with different specs ({'; '.join(sorted(differing))}); "
+            "rebuild them with one spec"
+        )
+    return specs[0]

@@ -59,9 +59,15 @@ class FusionConfig:
     0: no warm-up."""
     attention: str = "auto"
     """'auto' (flash-attn on CUDA when installed, else SDPA), 'flash' or 'sdpa'."""
+    shared_front_ends: dict[str, str] = field(default_factory=dict)
+    """Dataset -> another dataset whose audio and vision front ends (and gate statistics) it uses; the feature
+    dims must match. Lets a trained model take a new dataset featurised like one it knows."""
 
     def problems(self) -> list[str]:
         found = []
+        chained = [name for name, other in self.shared_front_ends.items() if other in self.shared_front_ends]
+        if chained:
+            found.append(f"fusion.shared_front_ends: {', '.join(chained)} must name a dataset with its own front ends")
         if self.width % self.heads:
             found.append(f"fusion.width {self.width} must be a multiple of fusion.heads {self.heads}")
         if self.local_kernel < 1 or self.local_kernel % 2 == 0:

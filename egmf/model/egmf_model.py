@@ -20,7 +20,7 @@ from torch import nn
 
 from egmf.config import build as build_section
 from egmf.data.collate import Batch
-from egmf.datasets import CLASSIFICATION
+from egmf.datasets import CLASSIFICATION, add_spec, spec_from_dict
 from egmf.errors import ConfigError
 from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfig, PromptConfig
 from egmf.model.decoding import greedy, score_candidates, weighted_median
@@ -85,7 +85,8 @@ class EGMFModel(nn.Module):
     ) -> EGMFModel:
         """`feature_stats`: per dataset, the train split's feature statistics to standardise with (egmf.shards.stats;
         a loaded model brings its own)."""
-        problems = fusion_cfg.problems() + prompt_cfg.problems(list(feature_dims))
+        datasets = list(dict.fromkeys([*feature_dims, *fusion_cfg.shared_front_ends]))
+        problems = fusion_cfg.problems() + prompt_cfg.problems(datasets)
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
         llm, tokenizer = load_llm(llm_cfg, lora_cfg, fusion_cfg.attention, device)
@@ -119,6 +120,8 @@ class EGMFModel(nn.Module):
         )
         if problems:
             raise ConfigError(f"{package}/{PACKAGE_CONFIG}: " + "; ".join(problems))
+        for name, spec in table.get("data", {}).get("specs", {}).items():  # its datasets that are not built in
+            add_spec(spec_from_dict({**spec, "name": name}, f"{package}/{PACKAGE_CONFIG} data.specs.{name}"))
         llm_cfg.path = base_model or record["base_model"]
         if merged:
             llm_cfg.path, lora_cfg.enabled = os.path.join(package, MERGED_DIR), False

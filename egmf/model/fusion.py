@@ -115,21 +115,26 @@ class FusionModule(nn.Module):
         llm_embed_rms: float,
         feature_stats: dict[str, dict] | None = None,
     ):
-        """`feature_stats`: {dataset: {"audio": {"mean", "std"}, "vision": ...}} from the train manifests; a
-        dataset without them is not standardised (its values pass through unchanged)."""
+        """`feature_dims`: {dataset: (audio, vision)} of every dataset it takes (those of cfg.shared_front_ends may
+        be left out: they take their front ends' dims); `feature_stats`: {dataset: {"audio": {"mean", "std"},
+        "vision": ...}} from the train manifests; a dataset without them is not standardised (its values pass
+        through unchanged)."""
         super().__init__()
-        problems = cfg.problems()
+        self.front_of = {name: cfg.shared_front_ends.get(name, name) for name in feature_dims}
+        self.front_of.update(cfg.shared_front_ends)
+        own = {name: dims for name, dims in feature_dims.items() if name not in cfg.shared_front_ends}
+        problems = cfg.problems() + shared_front_end_problems(cfg.shared_front_ends, feature_dims)
         if problems:
             raise ConfigError("invalid fusion config: " + "; ".join(problems))
         d = cfg.width
-        self.cfg, self.feature_dims = cfg, dict(feature_dims)
+        self.cfg, self.feature_dims = cfg, {name: tuple(own[front]) for name, front in self.front_of.items()}
         self.text_front = FrontEnd(llm_hidden, d)
         stats = feature_stats or {}
         self.audio_front = nn.ModuleDict(
-            {name: FrontEnd(dims[0], d, stats.get(name, {}).get("audio")) for name, dims in feature_dims.items()}
+            {name: FrontEnd(dims[0], d, stats.get(name, {}).get("audio")) for name, dims in own.items()}
         )
         self.vision_front = nn.ModuleDict(
-            {name: FrontEnd(dims[1], d, stats.get(name, {}).get("vision")) for name, dims in feature_dims.items()}
+            {name: FrontEnd(dims[1], d, stats.get(name, {}).get("vision")) for name, dims in own.items()}
         )
         self.time = TimeEncoding(d, cfg.time_frequencies)
         self.modality = nn.Embedding(len(MODALITIES), d)
@@ -144,7 +149,7 @@ class FusionModule(nn.Module):
             ),
         }
         self.experts = nn.ModuleDict({name: builders[name]() for name in cfg.experts})
-        self.datasets = list(feature_dims)
+        self.datasets = list(own)  # the gate keeps statistics per front end
         self.gate = ExpertGate(
             d, len(cfg.experts), cfg.gating == "dynamic", self.schedule, len(self.datasets), cfg.usage_momentum
         )
@@ -161,6 +166,7 @@ class FusionModule(nn.Module):
         text_mask: torch.Tensor,
     ) -> FusionOutput:
         self.check_dims(dataset, audio, vision)
+        dataset = self.front_of[dataset]
         masks = [text_mask, audio_mask, vision_mask]
         raw = [self.text_front(text_embeds), self.audio_front[dataset](audio), self.vision_front[dataset](vision)]
         xs = [
@@ -182,7 +188,7 @@ class FusionModule(nn.Module):
 
     def record_gate_usage(self, dataset: str, batch_mean: torch.Tensor) -> None:
         """After a training batch of `dataset`: its mean level-2 gate (over all ranks) for the balance loss."""
-        self.gate.record_usage(self.datasets.index(dataset), batch_mean)
+        self.gate.record_usage(self.datasets.index(self.front_of[dataset]), batch_mean)
 
     def set_training_progress(self, progress: float) -> None:
         """The fraction of training done; the gates' noise and warm-up mixing follow it (egmf.model.gates)."""
@@ -201,6 +207,20 @@ class FusionModule(nn.Module):
                 f"the model expects {expected[0]} / {expected[1]}; rebuild the shards or the model "
                 "config so they agree"
             )
+
+
+def shared_front_end_problems(shared: dict[str, str], feature_dims: dict[str, tuple[int, int]]) -> list[str]:
+    """fusion.shared_front_ends must point at datasets with front ends of the same feature dims."""
+    found = []
+    for name, front in shared.items():
+        if front not in feature_dims or front in shared:
+            found.append(f"fusion.shared_front_ends.{name}: {front!r} is not a dataset with its own front ends")
+        elif name in feature_dims and tuple(feature_dims[name]) != tuple(feature_dims[front]):
+            found.append(
+                f"fusion.shared_front_ends.{name}: its features have dims {tuple(feature_dims[name])}, "
+                f"{front}'s front ends take {tuple(feature_dims[front])}"
+            )
+    return found
 
 
 def check_feature_dims(feature_dims: dict[str, tuple[int, int]], manifests: list) -> None:

@@ -54,9 +54,10 @@ def clean_record(
     report: BuildReport,
     label_map: dict[str, str] | None = None,
     stats: dict[str, FeatureStats] | None = None,
+    labeled: bool = True,
 ) -> Sample:
     """Validate and normalise one record; `dims` fixes the feature dims of the split on first use; `stats`
-    (per modality) gathers the split's feature statistics."""
+    (per modality) gathers the split's feature statistics; an unlabeled split's samples carry the label None."""
     sid = str(record.id)
     if not isinstance(record.text, str) or not record.text.strip():
         raise DataError(
@@ -64,7 +65,7 @@ def clean_record(
             "remove the sample from the input or fill in its transcript"
         )
     raw_label = label_map.get(str(record.label), record.label) if label_map else record.label
-    label = spec.canonical_label(raw_label, f"{spec.name}/{split} {sid}")
+    label = spec.canonical_label(raw_label, f"{spec.name}/{split} {sid}") if labeled else None
     features = {}
     for modality in MODALITIES:
         length = getattr(record, f"{modality}_len")
@@ -103,14 +104,14 @@ def clean_features(
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
         raise DataError(
             f"{where}: {modality} features have shape {list(array.shape)} ({array.dtype}); expected a numeric "
-            "[frames, dim] array. Check the input layout (docs/method.md)"
+            "[frames, dim] array. Check the input layout (docs/data.md)"
         )
     expected_dim = dims.setdefault(modality, array.shape[1])
     if array.shape[1] != expected_dim:
         raise DataError(
-            f"{where}: {modality} dim is {array.shape[1]} but earlier samples of this split have "
-            f"{expected_dim}; all samples of a split must share feature dims. Re-extract this sample's "
-            "features or drop it"
+            f"{where}: {modality} dim is {array.shape[1]} but the split's is {expected_dim} (from the dataset's "
+            "spec, or else its first sample); all samples of a split share feature dims. Re-extract this "
+            "sample's features or drop it"
         )
     if length is not None:
         length = int(length)

@@ -2,6 +2,7 @@
 
     egmf-shards build --format mmsa --dataset mosei --input unaligned_50.pkl --out data/shards
     egmf-shards build --format mse-adapter --dataset meld --input MELD_DIR --out data/shards
+    egmf-shards build --format jsonl --spec my_set.toml --split train --input train.jsonl --out data/shards
     egmf-shards demo --out shards/demo
     egmf-shards inspect data/shards [--verify] [--tokenizer MODEL_DIR --max-text-tokens 96]
 
@@ -17,15 +18,16 @@ import os
 import re
 import sys
 
-from egmf.datasets import get_spec
+from egmf.datasets import SPECS, DatasetSpec, check_same_dataset, get_spec, is_known, read_spec_file, spec_from_dict
 from egmf.errors import DataError
 from egmf.shards.demo import build_demo
-from egmf.shards.manifest import SplitManifest, find_manifests
-from egmf.shards.sources import read_mmsa, read_mse_adapter
+from egmf.shards.manifest import MissingManifest, SplitManifest, find_manifests, load_manifest
+from egmf.shards.sources import read_jsonl, read_mmsa, read_mse_adapter
 from egmf.shards.texts import count_truncated, read_texts
 from egmf.shards.writer import ShardLimits, write_split
 
-FORMATS = {"mmsa": ("mosei", "sims2"), "mse-adapter": ("meld", "cherma")}
+FORMATS = {"mmsa": ("mosei", "sims2"), "mse-adapter": ("meld", "cherma"), "jsonl": ()}
+"""Input format -> the datasets its releases hold; jsonl holds any dataset with a spec (docs/data.md)."""
 DEFAULT_SHARD_BYTES = 256 * 2**20
 
 
@@ -44,9 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="convert a public release into shards")
     build.add_argument("--format", required=True, choices=sorted(FORMATS))
-    build.add_argument("--dataset", required=True, choices=[d for names in FORMATS.values() for d in names])
-    build.add_argument("--input", required=True, help="the MMSA pickle, or the folder of *_train/valid/test.pkl")
+    build.add_argument("--dataset", help="mmsa: mosei, sims2; mse-adapter: meld, cherma; jsonl: any name")
+    build.add_argument(
+        "--input", required=True, help="the MMSA pickle, the folder of *_train/valid/test.pkl, or a split's .jsonl"
+    )
     build.add_argument("--out", required=True, help="shard root; writes OUT/DATASET/SPLIT/")
+    jsonl = build.add_argument_group("jsonl format (docs/data.md)")
+    jsonl.add_argument("--split", help="the split the .jsonl holds: train, valid, test or another name")
+    jsonl.add_argument("--spec", help="dataset spec (.toml or .json) of a dataset that is not built in")
+    jsonl.add_argument("--lang", help="instead of --spec: the prompt's language (en, zh)")
+    jsonl.add_argument("--task", help="instead of --spec: classification or regression")
+    jsonl.add_argument("--labels", help="instead of --spec: comma-separated class names (classification)")
+    jsonl.add_argument("--label-range", help="instead of --spec: LOW,HIGH of the scores (regression)")
     add_shard_size_args(build)
     build.add_argument(
         "--shuffle-seed",
@@ -109,19 +120,28 @@ def add_shard_size_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> list[SplitManifest]:
-    if args.dataset not in FORMATS[args.format]:
+    inline_spec = [flag for flag in ("spec", "lang", "task", "labels", "label_range") if getattr(args, flag)]
+    if args.format != "jsonl" and (args.split or inline_spec):
+        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in ["split"] * bool(args.split) + inline_spec)
+        raise DataError(f"{flags}: only the jsonl format takes these; {args.format} releases hold known datasets")
+    if args.format != "jsonl" and args.dataset not in FORMATS[args.format]:
         raise DataError(
-            f"--dataset {args.dataset} is not in the {args.format} format; "
-            f"{args.format} holds {', '.join(FORMATS[args.format])}"
+            (f"--dataset {args.dataset} is not in the {args.format} format" if args.dataset else "--dataset is needed")
+            + f"; {args.format} holds {', '.join(FORMATS[args.format])}"
         )
-    label_map = None
-    if args.label_map:
-        with open(args.label_map, encoding="utf-8") as f:
-            label_map = json.load(f)
-    spec = get_spec(args.dataset)
-    splits = read_mmsa(args.input) if args.format == "mmsa" else read_mse_adapter(args.input, args.dataset)
+    label_map = read_label_map(args.label_map) if args.label_map else None
     limits = ShardLimits(args.shard_samples, args.shard_bytes or (None if args.shard_samples else DEFAULT_SHARD_BYTES))
     source = {"format": args.format, "input": os.path.abspath(args.input)}
+    if args.format == "jsonl":
+        if not args.split:
+            raise DataError("--split: name the split the .jsonl file holds (train, valid, test, ...)")
+        spec = jsonl_spec(args)
+        check_other_splits(args.out, spec, args.split)
+        records, labeled = read_jsonl(args.input)
+        seed = args.shuffle_seed if args.split == "train" else None
+        return [write_split(records, spec, args.split, args.out, limits, source, seed, label_map, labeled)]
+    spec = get_spec(args.dataset)
+    splits = read_mmsa(args.input) if args.format == "mmsa" else read_mse_adapter(args.input, args.dataset)
     return [
         write_split(
             records,
@@ -135,6 +155,72 @@ def run_build(args: argparse.Namespace) -> list[SplitManifest]:
         )
         for split, records in splits.items()
     ]
+
+
+def jsonl_spec(args: argparse.Namespace) -> DatasetSpec:
+    """The dataset's spec: --spec FILE, or --lang/--task/--labels/--label-range, or a known dataset's."""
+    given = {
+        "lang": args.lang,
+        "task": args.task,
+        "labels": args.labels and [name.strip() for name in args.labels.split(",")],
+        "label_range": args.label_range and parse_range(args.label_range),
+    }
+    given = {key: value for key, value in given.items() if value}
+    if args.spec and given:
+        raise DataError("give the dataset's spec as --spec FILE or as --lang/--task/--labels/--label-range, not both")
+    if args.spec:
+        spec = read_spec_file(args.spec)
+        if args.dataset and args.dataset != spec.name:
+            raise DataError(f"--dataset {args.dataset} differs from the name in {args.spec} ({spec.name})")
+    elif given:
+        spec = spec_from_dict({"name": args.dataset, **given}, "the command line (--dataset/--lang/--task/...)")
+    elif args.dataset and is_known(args.dataset):
+        return get_spec(args.dataset)
+    else:
+        raise DataError(
+            f"--dataset {args.dataset} is not built in: describe it with --spec FILE (docs/data.md) or with --lang, "
+            "--task and --labels or --label-range"
+        )
+    if spec.name in SPECS:
+        check_same_dataset(SPECS[spec.name], spec, "built in")
+    return spec
+
+
+def check_other_splits(out: str, spec: DatasetSpec, split: str) -> None:
+    """The dataset's other splits under OUT must have been built with the same spec (a model reads them as one)."""
+    folder = os.path.join(out, spec.name)
+    others = sorted(name for name in os.listdir(folder) if name != split) if os.path.isdir(folder) else []
+    for other in others:
+        try:
+            built = load_manifest(out, spec.name, other)
+        except MissingManifest:
+            continue
+        try:
+            check_same_dataset(built.spec(), spec, f"built in {built.location}")
+        except DataError as exc:
+            raise DataError(
+                f"{exc}, or rebuild every split of {folder} with this spec (remove the folder first)"
+            ) from None
+
+
+def parse_range(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise DataError(f"--label-range {text!r} must be LOW,HIGH (two numbers)") from None
+
+
+def read_label_map(path: str) -> dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            label_map = json.load(f)
+    except OSError as exc:
+        raise DataError(f"--label-map {path}: cannot read it ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f'--label-map {path} is not valid JSON ({exc}); write {{"raw label": "valid label"}}') from None
+    if not isinstance(label_map, dict) or not all(isinstance(v, str) for v in label_map.values()):
+        raise DataError(f'--label-map {path} must be one JSON object {{"raw label": "valid label", ...}}')
+    return label_map
 
 
 def build_summary(manifests: list[SplitManifest], count_cut=None) -> str:
@@ -161,7 +247,9 @@ def inspect_report(root: str, verify: bool = False, count_cut=None) -> str:
         lines.append(f"== {m.dataset}/{m.split}  ({m.lang}, {m.task})")
         lines.append(f"   samples {m.num_samples}  shards {len(m.shards)}  bytes {size}")
         lines.append(f"   dims    audio {m.audio_dim}  vision {m.vision_dim}")
-        if m.task == "classification":
+        if not m.labeled:
+            lines.append("   labels  none (an unlabeled split: for evaluation and prediction only)")
+        elif m.task == "classification":
             lines.append("   labels  " + "  ".join(f"{name}={count}" for name, count in m.label_stats.items()))
         else:
             s = m.label_stats

@@ -119,7 +119,10 @@ def check_sample(sample: Sample, manifest: SplitManifest) -> None:
 
 
 def check_label(label: object, manifest: SplitManifest) -> None:
-    if manifest.task == CLASSIFICATION:
+    if not manifest.labeled:
+        if label is not None:
+            raise DataError(f"label {label!r} in a split the manifest marks unlabeled (labeled: false)")
+    elif manifest.task == CLASSIFICATION:
         if label not in manifest.labels:
             raise DataError(f"label {label!r} is not one of {', '.join(manifest.labels)}")
     elif manifest.task == REGRESSION:

@@ -11,11 +11,16 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from egmf.datasets import CLASSIFICATION, DatasetSpec, spec_from_dict
 from egmf.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "egmf-shards"
 FORMAT_VERSION = 1
+
+
+class MissingManifest(DataError):
+    """The split has no readable manifest: it was never built (or its root is wrong)."""
 
 
 @dataclass
@@ -40,6 +45,10 @@ class SplitManifest:
     """Class names (classification); empty for regression."""
     label_range: list[float] | None = None
     """[lo, hi] of the dataset's scores (regression)."""
+    label_words: dict[str, str] = field(default_factory=dict)
+    """Class name -> answer word, where the dataset's spec sets one."""
+    labeled: bool = True
+    """False for a split built without labels: evaluation and prediction take it, training refuses it."""
     label_stats: dict = field(default_factory=dict)
     """Histogram {class: count} for classification; min/max/mean/std for regression."""
     length_stats: dict = field(default_factory=dict)
@@ -57,6 +66,12 @@ class SplitManifest:
     """Where this manifest was read from (a directory or URL prefix); not stored."""
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
+
+    def spec(self) -> DatasetSpec:
+        """The dataset's spec as the builder stored it (how a dataset that is not built in becomes known)."""
+        facts = {"name": self.dataset, "lang": self.lang, "task": self.task, "label_words": self.label_words}
+        facts.update({"labels": self.labels} if self.task == CLASSIFICATION else {"label_range": self.label_range})
+        return spec_from_dict(facts, join_location(self.location, MANIFEST_NAME))
 
     def shard_url(self, index: int) -> str:
         return join_location(self.location, self.shards[index].name)
@@ -121,7 +136,7 @@ def load_manifest(root: str, dataset: str, split: str) -> SplitManifest:
     try:
         text = read_bytes(where).decode("utf-8")
     except (OSError, ValueError) as exc:
-        raise DataError(
+        raise MissingManifest(
             f"no shards for {dataset}/{split}: cannot read {where} ({exc}). Build them with "
             f"`python -m egmf.shards build ... --out {root}` (or `python -m egmf.shards demo --out {root}` "
             "for the demo sets)"

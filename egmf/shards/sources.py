@@ -1,11 +1,14 @@
-"""Readers for the public processed releases (their layouts: docs/method.md).
+"""Readers of the builder's inputs: the public processed releases and the generic JSONL format (their layouts:
+docs/data.md).
 
-These are Python pickles, so they are read only here, by the offline builder,
-from files the user names; shards and the training loader never unpickle.
+The releases are Python pickles, so they are read only here, by the offline
+builder, from files the user names; shards and the training loader never
+unpickle. The JSONL format's arrays are .npy files, read without pickle.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -104,4 +107,85 @@ def _mse_adapter_record(item: object, index: int, dataset: str, split: str, path
         vision=features["video"],
         audio_len=features.get("audio_len"),
         vision_len=features.get("video_len"),
+    )
+
+
+JSONL_KEYS = ("id", "text", "audio", "vision", "label")
+
+
+def read_jsonl(path: str) -> tuple[list[RawRecord], bool]:
+    """(records, labeled) from the generic format: one JSON object per line with id, text, audio, vision and an
+    optional label; audio and vision are paths of .npy arrays [frames, dim] (absolute, or relative to the JSONL
+    file) or the arrays inline as nested lists. Either every sample has a label or none has (an unlabeled
+    split). Errors name the file, the line and the sample."""
+    if os.path.isdir(path):
+        raise DataError(f"--input {path} is a folder; the jsonl format reads one .jsonl file per split")
+    if not os.path.isfile(path):
+        raise DataError(f"--input {path} does not exist; pass the .jsonl file of one split")
+    records, seen, with_label = [], {}, []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            record = _jsonl_record(line, where, os.path.dirname(os.path.abspath(path)))
+            if record.id in seen:
+                raise DataError(f"{where}: id {record.id!r} is already used on line {seen[record.id]}; ids are unique")
+            seen[record.id] = number
+            with_label.append(record.label is not None)
+            records.append(record)
+    if not records:
+        raise DataError(f"{path} holds no samples (one JSON object per line)")
+    if any(with_label) and not all(with_label):
+        first = records[with_label.index(False)]
+        raise DataError(
+            f"{path}: sample {first.id!r} (line {seen[first.id]}) has no label but others have; a split is "
+            "either labeled throughout or unlabeled throughout (drop every label for an unlabeled split)"
+        )
+    return records, all(with_label)
+
+
+def _jsonl_record(line: str, where: str, base: str) -> RawRecord:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc}); each line is one sample object") from None
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected an object with {', '.join(JSONL_KEYS)}, got {type(item).__name__}")
+    unknown = [key for key in item if key not in JSONL_KEYS]
+    missing = [key for key in ("id", "text", "audio", "vision") if key not in item]
+    if unknown or missing:
+        raise DataError(
+            f"{where}: "
+            + "; ".join(
+                [f"unknown key(s) {', '.join(unknown)}"] * bool(unknown)
+                + [f"missing {', '.join(missing)}"] * bool(missing)
+            )
+            + f"; a sample has {', '.join(JSONL_KEYS)} (label optional)"
+        )
+    if not isinstance(item["id"], str | int) or isinstance(item["id"], bool) or str(item["id"]) == "":
+        raise DataError(f"{where}: id {item['id']!r} must be a non-empty string or an integer")
+    sid = str(item["id"])
+    features = {m: _jsonl_array(item[m], m, f"{where} sample {sid!r}", base) for m in ("audio", "vision")}
+    return RawRecord(id=sid, text=item["text"], label=item.get("label"), **features)
+
+
+def _jsonl_array(value: object, modality: str, where: str, base: str) -> np.ndarray:
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) else os.path.join(base, value)
+        try:
+            return np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise DataError(
+                f"{where}: {modality} file {path} does not exist (paths are relative to the JSONL file)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{where}: {modality} file {path} is not a readable .npy array ({exc})") from None
+    if isinstance(value, list):
+        try:
+            return np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: {modality} is a list but not a [frames, dim] table of numbers") from None
+    raise DataError(
+        f"{where}: {modality} must be a .npy path or a [frames, dim] list of numbers, got {type(value).__name__}"
     )

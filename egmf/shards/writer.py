@@ -66,8 +66,8 @@ def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 class SplitWriter:
     """Writes one split's samples into size-limited shards under a hidden build folder."""
 
-    def __init__(self, out_dir: str, spec: DatasetSpec, split: str, limits: ShardLimits):
-        self.spec, self.split, self.limits = spec, split, limits
+    def __init__(self, out_dir: str, spec: DatasetSpec, split: str, limits: ShardLimits, labeled: bool = True):
+        self.spec, self.split, self.limits, self.labeled = spec, split, limits, labeled
         self.final_dir = os.path.join(out_dir, spec.name, split)
         self.build_dir = start_partial(self.final_dir)
         self.shards: list[ShardInfo] = []
@@ -137,7 +137,9 @@ class SplitWriter:
             shards=self.shards,
             labels=list(self.spec.labels),
             label_range=list(self.spec.label_range) if self.spec.label_range else None,
-            label_stats=label_stats(self.labels, self.spec),
+            label_words=dict(self.spec.label_words),
+            labeled=self.labeled,
+            label_stats=label_stats(self.labels, self.spec) if self.labeled else {},
             length_stats=length_stats(self.lengths),
             text_stats=text_stats(self.texts),
             feature_stats={modality: s.as_dict() for modality, s in stats.items()},
@@ -193,20 +195,22 @@ def write_split(
     source: dict,
     shuffle_seed: int | None = None,
     label_map: dict[str, str] | None = None,
+    labeled: bool = True,
 ) -> SplitManifest:
-    """Clean `records` (a list) and write them as one split; on any error nothing is left behind."""
+    """Clean `records` (a list) and write them as one split (`labeled` False: without labels); on any error
+    nothing is left behind."""
     order = list(range(len(records)))
     if shuffle_seed is not None:
         # Public releases group samples by video; shuffling train at build time keeps
         # consecutive samples of a shard independent, which the loader relies on.
         order = np.random.default_rng(shuffle_seed).permutation(len(records)).tolist()
-    writer = SplitWriter(out_dir, spec, split, limits)
-    dims: dict[str, int] = {}
+    writer = SplitWriter(out_dir, spec, split, limits, labeled)
+    dims = {modality: dim for modality, dim in (("audio", spec.audio_dim), ("vision", spec.vision_dim)) if dim}
     report = BuildReport()
     stats = {modality: FeatureStats() for modality in MODALITIES}
     try:
         for index in order:
-            writer.add(clean_record(records[index], spec, split, dims, report, label_map, stats))
+            writer.add(clean_record(records[index], spec, split, dims, report, label_map, stats, labeled))
         return writer.finish(dims, report, source, stats)
     except BaseException:
         writer.abort()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from egmf.config import build_tree, range_problems, read_recipe, table_valued_fields
 from egmf.data.config import DataConfig
-from egmf.datasets import SPECS
+from egmf.datasets import is_known
 from egmf.metrics import metric_names
 from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfig, PromptConfig
 from egmf.tracking import MLflowConfig
@@ -225,15 +225,16 @@ class Config:
     """The DeepSpeed engine's JSON config."""
 
     def problems(self) -> list[str]:
-        known = [d for d in sorted(set(self.data.train) | set(self.data.eval)) if d in SPECS]
+        data_problems = self.data.problems()  # first: it makes the datasets that are not built in known
+        known = [d for d in sorted(set(self.data.train) | set(self.data.eval)) if is_known(d)]
         nothing_trains = self.prompt.text_only and not self.lora.enabled
         return ["prompt.text_only with lora.enabled = false leaves nothing to train"] * nothing_trains + (
-            self.data.problems()
+            data_problems
             + self.fusion.problems()
             + self.prompt.problems(known)
             + self.optim.problems()
             + self.train.problems()
-            + self.eval.problems([d for d in self.data.eval if d in SPECS])
+            + self.eval.problems([d for d in self.data.eval if is_known(d)])
             + self.checkpoint.problems()
         )
 

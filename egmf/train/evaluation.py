@@ -35,7 +35,8 @@ class PredictionRow:
     dataset: str
     split: str
     mode: str
-    target: str | float
+    target: str | float | None
+    """None in an unlabeled split."""
     prediction: str | float | None
     """None where a generated answer did not parse."""
     answer: str
@@ -85,8 +86,9 @@ def score_rows(rows: list[PredictionRow]) -> dict[str, dict[str, dict[str, float
     results: dict[str, dict[str, dict[str, float]]] = {}
     for (dataset, mode), group in grouped.items():
         unparseable = sum(r.prediction is None for r in group)
-        predictions = [scored_prediction(dataset, r) for r in group]
-        metrics = score(dataset, predictions, [r.target for r in group])
+        metrics = {}
+        if group[0].target is not None:  # an unlabeled split (no targets) gets its counts only
+            metrics = score(dataset, [scored_prediction(dataset, r) for r in group], [r.target for r in group])
         metrics.update(unparseable=unparseable, samples=len(group))
         results.setdefault(dataset, {})[mode] = metrics
     return results

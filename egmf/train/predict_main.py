@@ -2,14 +2,18 @@
 
     egmf-predict --model runs/demo/best --data shards/demo --split test --out predictions.jsonl
     egmf-predict --model runs/mosei/best --data /data/shards --datasets mosei --out mosei_test.csv
+    egmf-predict --model PACKAGE --data clips.jsonl --datasets mosei --out clips_pred.csv
     torchrun --nproc_per_node 8 launch/predict.py --model ... --out ...     # each sample predicted once
 
 --model is a run's best/ folder, a checkpoint or a package (egmf-export); the
 model is rebuilt from the config saved with it (the base LLM from llm.path, or
---llm-path). --data is a
-shard root: every dataset under it that has the split and that the model
-knows is predicted, unless --datasets chooses. One output row per sample,
-sorted by dataset and id (JSONL; CSV flattens the same):
+--llm-path). --data is a shard root: every dataset under it that has the split
+and that the model knows is predicted, unless --datasets chooses. --data may
+also be one split in the builder's JSONL format, with or without labels, with
+--datasets naming its dataset. A dataset the model was not trained on, with
+features like a known one's, takes that one's front ends with
+--fusion.shared_front_ends.NEW=KNOWN. One output row per sample, sorted by
+dataset and id (JSONL; CSV flattens the same):
 
     id, dataset, answer      the answer text
     prediction               class name or score
@@ -18,7 +22,7 @@ sorted by dataset and id (JSONL; CSV flattens the same):
     score, spread            scores: the prediction, and in constrained decoding the standard deviation of
                              the answer distribution over the one-decimal scores
     gate                     expert -> level-2 weight (absent without a fusion module)
-    label                    the sample's label
+    label                    the sample's label (absent in an unlabeled split)
 
 In constrained mode (the default) the predictions are the ones egmf-evaluate
 scores for the same model. Exit code 2: a bad folder, config, data or
@@ -28,14 +32,17 @@ output name, reported before anything is decoded.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
+import tempfile
 from dataclasses import replace
 
 from egmf.errors import CheckpointError, ConfigError, DataError
 from egmf.model.config import DECODING_MODES
-from egmf.shards.manifest import load_manifest
+from egmf.model.fusion import check_feature_dims
+from egmf.shards.manifest import MissingManifest, load_manifest
 from egmf.train.checkpoint import saved_weights
 from egmf.train.config import Config, config_from_table
 
@@ -51,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--model", required=True, help="a run's best/ folder, a checkpoint folder or a package")
-    parser.add_argument("--data", required=True, help="a shard root")
+    parser.add_argument("--data", required=True, help="a shard root, or one split as FILE.jsonl (docs/data.md)")
     parser.add_argument("--split", default="test", help="the split to predict (default: %(default)s)")
     parser.add_argument("--datasets", help="comma-separated (default: every dataset of the root the model knows)")
     parser.add_argument("--out", required=True, help="FILE.jsonl or FILE.csv")
@@ -62,37 +69,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def known_datasets(cfg: Config, weights: str) -> list[str]:
+def known_datasets(cfg: Config, weights: str) -> dict[str, tuple[int, int]]:
+    """{dataset: (audio, vision) dims} of every dataset the model takes: those it was trained on, and those
+    fusion.shared_front_ends lets use their front ends."""
     from egmf.train.saved_model import saved_feature_dims
 
-    return list(saved_feature_dims(cfg, weights))
+    dims = saved_feature_dims(cfg, weights)
+    return dims | {name: dims[front] for name, front in cfg.fusion.shared_front_ends.items() if front in dims}
 
 
-def chosen_datasets(args: argparse.Namespace, known: list[str]) -> list[str]:
-    """--datasets, else every dataset the model knows that has the split under the root; DataError if none or if
-    a chosen one lacks the split or is unknown to the model."""
+def chosen_datasets(args: argparse.Namespace, root: str, known: dict[str, tuple[int, int]]) -> list[str]:
+    """--datasets, else every dataset the model knows that has the split under the root; DataError if none, or if
+    a chosen one lacks the split, is unknown to the model or has other feature dims."""
     if args.datasets:
         chosen = args.datasets.split(",")
         unknown = [d for d in chosen if d not in known]
         if unknown:
-            raise DataError(f"the model was not trained on {', '.join(unknown)}; it knows {', '.join(known)}")
-        for dataset in chosen:
-            load_manifest(args.data, dataset, args.split)  # a DataError naming the missing manifest
-        return chosen
-    present = []
-    for dataset in known:
-        try:
-            load_manifest(args.data, dataset, args.split)
-            present.append(dataset)
-        except DataError:
-            continue
-    if not present:
-        raise DataError(f"no {args.split} split of a dataset the model knows ({', '.join(known)}) under {args.data}")
-    return present
+            raise DataError(
+                f"the model was not trained on {', '.join(unknown)}; it knows {', '.join(known)}. A dataset featurised "
+                "like a known one can use its front ends: --fusion.shared_front_ends.NEW=KNOWN"
+            )
+        manifests = [load_manifest(root, dataset, args.split) for dataset in chosen]  # a DataError if one is missing
+    else:
+        manifests = []
+        for dataset in known:
+            try:
+                manifests.append(load_manifest(root, dataset, args.split))
+            except MissingManifest:
+                continue
+        if not manifests:
+            raise DataError(f"no {args.split} split of a dataset the model knows ({', '.join(known)}) under {root}")
+    check_feature_dims(known, manifests)
+    return [m.dataset for m in manifests]
 
 
-def prediction_overrides(args: argparse.Namespace, datasets: list[str]) -> list[str]:
-    overrides = [f"--data.root={args.data}", f"--data.eval={json.dumps(datasets)}"]
+def jsonl_split(args: argparse.Namespace, known: dict[str, tuple[int, int]], root: str) -> None:
+    """Build --data FILE.jsonl as ROOT/DATASET/SPLIT (the dataset: --datasets, one the model knows)."""
+    from egmf.datasets import get_spec
+    from egmf.shards.sources import read_jsonl
+    from egmf.shards.writer import ShardLimits, write_split
+
+    if not args.datasets or "," in args.datasets or args.datasets not in known:
+        raise DataError(
+            f"--data {args.data}: name the file's dataset with --datasets NAME, one the model knows "
+            f"({', '.join(known)})"
+        )
+    records, labeled = read_jsonl(args.data)
+    source = {"format": "jsonl", "input": os.path.abspath(args.data)}
+    write_split(records, get_spec(args.datasets), args.split, root, ShardLimits(256), source, labeled=labeled)
+
+
+def prediction_overrides(args: argparse.Namespace, root: str, datasets: list[str]) -> list[str]:
+    overrides = [f"--data.root={root}", f"--data.eval={json.dumps(datasets)}"]
     overrides += [f"--eval.splits={json.dumps([args.split])}", f"--eval.select_split={args.split}"]
     overrides += [f"--eval.modes={json.dumps([args.mode])}", f"--eval.select_mode={args.mode}"]
     overrides += [f"--eval.periodic_splits={json.dumps([args.split])}"]
@@ -116,17 +144,21 @@ def merged_llm(package: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
-    try:
-        if not args.out.endswith(FORMATS):
-            raise ConfigError(f"--out {args.out} must end in .jsonl or .csv")
-        table, weights = saved_weights(args.model)
-        known = known_datasets(config_from_table(table), weights)
-        datasets = chosen_datasets(args, known)
-        cfg = config_from_table(table, prediction_overrides(args, datasets) + overrides)
-    except (ConfigError, CheckpointError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run(cfg, weights, args.split, args.mode, args.out)
+    with tempfile.TemporaryDirectory(prefix="egmf-predict-") as scratch:
+        try:
+            if not args.out.endswith(FORMATS):
+                raise ConfigError(f"--out {args.out} must end in .jsonl or .csv")
+            table, weights = saved_weights(args.model)
+            known = known_datasets(config_from_table(copy.deepcopy(table), overrides), weights)
+            root = args.data
+            if args.data.endswith(".jsonl"):
+                jsonl_split(args, known, root := scratch)
+            datasets = chosen_datasets(args, root, known)
+            cfg = config_from_table(table, prediction_overrides(args, root, datasets) + overrides)
+        except (ConfigError, CheckpointError, DataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return run(cfg, weights, args.split, args.mode, args.out)
 
 
 def run(cfg: Config, weights: str, split: str, mode: str, out: str) -> int:

@@ -29,7 +29,8 @@ def prediction_row(batch, i: int, preds, verbaliser, experts: list[str]) -> dict
             row["spread"] = math.sqrt(sum(p * (v - mean) ** 2 for p, v in zip(distribution, candidates, strict=True)))
     if preds.expert_weights is not None:
         row["gate"] = dict(zip(experts, preds.expert_weights[i], strict=True))
-    row["label"] = batch.labels[i]
+    if batch.labels[i] is not None:  # an unlabeled split's samples have none
+        row["label"] = batch.labels[i]
     return row
 
 

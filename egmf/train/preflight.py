@@ -2,7 +2,7 @@
 
 The config's keys and values are checked by `load_config`; here: the model
 directory, the shards of every dataset and split the run reads, their feature
-dims, and the checkpoint to resume. The embedded default (demo shards, tiny
+dims and labels, and the checkpoint to resume. The embedded default (demo shards, tiny
 model) is exempt from the existence checks: its assets are built when missing.
 """
 
@@ -58,6 +58,16 @@ def feature_stats(cfg: Config) -> dict[str, dict]:
     return {name: m.feature_stats for name, m in manifests.items() if m.feature_stats}
 
 
+def unlabeled_problems(manifests: list[SplitManifest]) -> list[str]:
+    """Training learns from its train splits and selects and reports on its evaluation splits: all need labels."""
+    return [
+        f"{m.dataset}/{m.split} has no labels (built from unlabeled samples): training needs labeled train and "
+        "evaluation splits. Predict on it with egmf-predict, or rebuild it with labels"
+        for m in manifests
+        if not m.labeled
+    ]
+
+
 def preflight(cfg: Config) -> None:
     """Raise ConfigError naming every problem found; demo assets that will be built are not problems."""
     problems = []
@@ -69,6 +79,7 @@ def preflight(cfg: Config) -> None:
         try:
             manifests = [load_manifest(cfg.data.root, d, s) for d, s in splits_read(cfg)]
             check_feature_dims(feature_dims(cfg), manifests)
+            problems += unlabeled_problems(manifests)
         except DataError as exc:
             problems.append(str(exc))
     try:
