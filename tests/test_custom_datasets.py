@@ -20,6 +20,7 @@ from egmf.datasets import get_spec
 from egmf.errors import ConfigError
 from egmf.shards import cli
 from egmf.shards.manifest import load_manifest
+from egmf.train import predict_main
 from egmf.train.config import config_from_table, load_config
 from egmf.train.evaluation import PredictionRow, score_rows
 from egmf.train.preflight import preflight
@@ -225,3 +226,10 @@ def test_a_dataset_defined_only_by_a_spec_file_trains_and_is_predicted(train_sha
         assert set(row["probabilities"]) == {"calm", "happy", "sad", "angry"} and "label" not in row
         assert abs(sum(row["probabilities"].values()) - 1) < 1e-5 and abs(sum(row["gate"].values()) - 1) < 1e-5
         assert row["prediction"] == max(row["probabilities"], key=row["probabilities"].get)
+    # a built-in dataset featurised like my_clips takes its front ends (fusion.shared_front_ends), answering in
+    # its own classes
+    shared = str(tmp_path / "shared.jsonl")
+    command = ["--model", package, "--data", unlabeled, "--datasets", "demo_cls_en", "--out", shared]
+    assert predict_main.main([*command, "--fusion.shared_front_ends.demo_cls_en=my_clips"]) == 0
+    assert {tuple(row["probabilities"]) for row in rows(shared)} == {("neutral", "joy", "sadness", "anger")}
+    assert predict_main.main(command) == 2  # without it, the model does not take demo_cls_en

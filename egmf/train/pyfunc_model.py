@@ -45,16 +45,17 @@ def batch_of(dataset: str, records: list[dict], data_cfg):
     from egmf.shards.format import Sample
 
     spec = get_spec(dataset)
-    placeholder = spec.labels[0] if spec.labels else 0.0  # the prompt needs no label; collate wants one
     samples = [
         Sample(
-            {"id": str(r["id"]), "text": str(r["text"]), "label": placeholder},
+            {"id": str(r["id"]), "text": str(r["text"]), "label": None},
             feature_array(r["audio"], f"sample {r['id']} audio"),
             feature_array(r["vision"], f"sample {r['id']} vision"),
         )
         for r in records
     ]
-    shape = SimpleNamespace(dataset=dataset, split="predict", lang=spec.lang, task=spec.task, labels=spec.labels)
+    shape = SimpleNamespace(
+        dataset=dataset, split="predict", lang=spec.lang, task=spec.task, labels=spec.labels, labeled=False
+    )
     batch = collate(samples, shape, data_cfg.max_audio_frames, data_cfg.max_vision_frames, data_cfg.truncation)
     batch.labels = [r.get("label") for r in records]
     return batch
