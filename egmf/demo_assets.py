@@ -4,8 +4,10 @@
         build_demo_assets(root, splits, llm_path)      # one process only (rank 0 after the process group)
 
 A run whose datasets are all demo sets (egmf.datasets.DEMO_DATASETS) builds
-what it lacks instead of failing, so `make train` and `egmf-train` with no
-arguments work on a fresh clone. Demo shards written by an older design of the
+what it lacks at the demo recipe's own locations (shards/demo, runs/tiny-llm)
+instead of failing, so `make train` and `egmf-train` with no arguments work on
+a fresh clone; a model or shard root given elsewhere must exist (a mistyped
+path is an error, never a fresh random model or new demo shards). Demo shards written by an older design of the
 demo (their manifest's `source.design`) count as missing and are rebuilt, but
 nothing is built over a demo set's split that was built from other input
 (egmf-shards build --format jsonl). A run on any other dataset never builds
@@ -22,6 +24,10 @@ from egmf.shards.demo import DEMO_DESIGN, build_demo
 from egmf.shards.manifest import MANIFEST_NAME
 
 DEMO_SIZES = {"train": 2048, "valid": 128, "test": 128}
+DEMO_ROOT = "shards/demo"
+"""The demo recipe's shard root and model folder (relative to where the run starts): the only places a run builds
+demo assets."""
+DEMO_LLM = "runs/tiny-llm"
 
 
 def is_demo(datasets: list[str]) -> bool:
@@ -49,9 +55,12 @@ def split_state(manifest_path: str, demo: bool) -> str:
 
 
 def demo_assets_missing(root: str, splits: list[tuple[str, str]], llm_path: str) -> bool:
-    """True when a demo-only run lacks shards or its model: they will be built, so they are not errors."""
+    """True when a demo-only run lacks shards or its model at the demo recipe's own locations: they will be built,
+    so they are not errors. Anywhere else a missing model or shard folder is most likely a typo, and an error."""
     model_missing = not os.path.isfile(os.path.join(llm_path, "config.json"))
-    return is_demo([d for d, _ in splits]) and (shards_missing(root, splits) or model_missing)
+    shards_to_build = os.path.normpath(root) == DEMO_ROOT and shards_missing(root, splits)
+    model_to_build = os.path.normpath(llm_path) == DEMO_LLM and model_missing
+    return is_demo([d for d, _ in splits]) and (shards_to_build or model_to_build)
 
 
 def build_demo_assets(root: str, splits: list[tuple[str, str]], llm_path: str) -> None:

@@ -8,7 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import write_mmsa, write_mse_adapter
+from conftest import mmsa_split, write_mmsa, write_mse_adapter
 
 from egmf.data.tar_samples import BadSamples, decode_valid, read_shard
 from egmf.shards.cli import main as shards_main
@@ -256,3 +256,46 @@ def test_utterances_beside_the_shards_and_what_the_prompt_cuts(tmp_path, capsys,
     assert shards_main(["inspect", out, "--tokenizer", tiny_llm, "--max-text-tokens", "500"]) == 0
     report = capsys.readouterr().out
     assert "cut     0 of 12 (0.0%) longer than 500 tokens" in report and "text    words p50 3" in report
+
+
+def test_a_rebuild_that_fails_in_a_later_split_leaves_the_old_build_whole(tmp_path, capsys):
+    """All splits of a release are swapped in together or not at all: new train shards never sit beside old
+    valid/test shards."""
+    write_mmsa(str(tmp_path / "in.pkl"), seed=0)
+    out = tmp_path / "out"
+    assert shards_main(mmsa_args(tmp_path / "in.pkl", out)) == 0
+    before = {split: load_manifest(str(out), "mosei", split).shards[0].sha256 for split in ("train", "valid", "test")}
+    write_mmsa(str(tmp_path / "in.pkl"), seed=1)
+    rewrite(tmp_path / "in.pkl", lambda d: d["valid"]["raw_text"].__setitem__(2, " "))
+    expect_error(capsys, mmsa_args(tmp_path / "in.pkl", out), "mosei/valid sample", "empty or missing text")
+    after = {split: load_manifest(str(out), "mosei", split).shards[0].sha256 for split in ("train", "valid", "test")}
+    assert after == before
+    assert not [name for name in os.listdir(out / "mosei") if name.startswith(".")]  # no build folders left
+
+
+def test_splits_with_different_dims_or_a_missing_modality_are_refused(tmp_path, capsys):
+    data = write_mmsa(str(tmp_path / "in.pkl"))
+    test = mmsa_split(np.random.default_rng(1), 6, "test", dims=(74, 20))
+    rewrite(tmp_path / "in.pkl", lambda d: d.__setitem__("test", test))
+    expect_error(capsys, mmsa_args(tmp_path / "in.pkl", tmp_path / "out"), "different feature dims", "vision 20")
+    assert not os.path.exists(tmp_path / "out" / "mosei" / "train")
+    write_mmsa(str(tmp_path / "in.pkl"))
+    rewrite(tmp_path / "in.pkl", lambda d: d["valid"]["vision"].fill(np.nan))
+    expect_error(capsys, mmsa_args(tmp_path / "in.pkl", tmp_path / "out"), "mosei/valid: the vision features hold no")
+    assert data  # the fixture's own data is untouched by the rewrites above
+
+
+def test_the_builder_cli_names_bad_arguments_and_outputs(tmp_path, capsys):
+    write_mmsa(str(tmp_path / "in.pkl"))
+    args = mmsa_args(tmp_path / "in.pkl", tmp_path / "out")
+    for bad in ("0", "-3", "x"):
+        with pytest.raises(SystemExit):  # argparse: exit 2 with the usage line
+            shards_main([*args, "--shard-samples", bad])
+        assert "not a whole number >= 1" in capsys.readouterr().err
+    expect_error(capsys, mmsa_args(tmp_path, tmp_path / "out"), "is a folder; this format reads one release pickle")
+    expect_error(capsys, mse_args(tmp_path / "in.pkl", tmp_path / "out"), "is a file; this format reads the folder")
+    (tmp_path / "map.json").write_text("{not json")
+    expect_error(capsys, [*args, "--label-map", str(tmp_path / "map.json")], "--label-map", "is not valid JSON")
+    blocked = tmp_path / "a_file"  # an output under a file: unwritable even for root, which ignores permissions
+    blocked.write_text("")
+    expect_error(capsys, mmsa_args(tmp_path / "in.pkl", blocked / "out"), "cannot write the shards", "--out")

@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 
@@ -108,3 +109,20 @@ def test_feature_check_finds_every_non_finite_float16(bad):
     array[2, 3] = bad
     with pytest.raises(DataError, match="audio holds NaN or inf values"):
         check_features(array, "audio", 4)
+
+
+@pytest.mark.parametrize(
+    "name", ["../../outside.tar", "/etc/passwd.tar", "x.tar; touch pwned", "$(id).tar", ".hidden.tar"]
+)
+def test_a_tampered_manifest_cannot_point_outside_the_split_or_into_a_shell(demo_root, tmp_path, name):
+    """Shard names are joined to the root (and, under a pipe: root, passed to a shell): only plain names load."""
+    root = str(tmp_path / "root")
+    shutil.copytree(demo_root, root)
+    path = os.path.join(root, "demo_cls_en", "test", "manifest.json")
+    manifest = json.load(open(path))
+    manifest["shards"][0]["name"] = name
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(DataError, match="not plain .tar file names"):
+        load_manifest(root, "demo_cls_en", "test")
+    with pytest.raises(DataError, match="not plain .tar file names"):
+        load_manifest(f"pipe:cat {root}", "demo_cls_en", "test")  # read through the shell as a pipe: root would be

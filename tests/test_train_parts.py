@@ -335,3 +335,15 @@ def test_a_collapsed_gate_is_warned_about_once_and_tagged(caplog):
     assert caplog.text.count("has collapsed to one expert") == 1
     assert "fusion.balance_coef" in caplog.text and "local expert 0.97" in caplog.text
     assert trainer.tracker.tags["gate_collapse"].startswith("local 0.970")
+
+
+def test_mistyped_demo_paths_are_errors_not_fresh_assets(capsys, tmp_path, demo_root, tiny_llm):
+    """Demo assets are built only at the demo recipe's own locations: a mistyped model or shard path elsewhere
+    stops the run before anything is written, instead of training a fresh random model or writing demo shards."""
+    typo = tmp_path / "typo"
+    out = f"--train.output_dir={tmp_path}/run"
+    code, err = run_main(capsys, out, f"--data.root={demo_root}", f"--llm.path={typo}")
+    assert code == 2 and f"llm.path {typo} is not a directory" in err
+    code, err = run_main(capsys, out, f"--data.root={typo}", f"--llm.path={tiny_llm}")
+    assert code == 2 and f"cannot read {typo}/demo_cls_en/train/manifest.json" in err
+    assert not typo.exists() and not (tmp_path / "run").exists()

@@ -24,7 +24,7 @@ from egmf.shards.demo import build_demo
 from egmf.shards.manifest import MissingManifest, SplitManifest, find_manifests, load_manifest
 from egmf.shards.sources import read_jsonl, read_mmsa, read_mse_adapter
 from egmf.shards.texts import count_truncated, read_texts
-from egmf.shards.writer import ShardLimits, write_split
+from egmf.shards.writer import ShardLimits, write_split, write_splits
 
 FORMATS = {"mmsa": ("mosei", "sims2"), "mse-adapter": ("meld", "cherma"), "jsonl": ()}
 """Input format -> the datasets its releases hold; jsonl holds any dataset with a spec (docs/data.md)."""
@@ -37,7 +37,10 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MB or 1GiB")
     number, unit, _ = match.groups()
-    return int(float(number) * 1024 ** "_kmgt".index(unit or "_"))
+    size = int(float(number) * 1024 ** "_kmgt".index(unit or "_"))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size of at least one byte")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--train-size", type=int, default=2048)
     demo.add_argument("--eval-size", type=int, default=128, help="samples in each of valid and test")
-    demo.add_argument("--shard-samples", type=int, default=64)
+    demo.add_argument("--shard-samples", type=positive_int, default=64)
 
     inspect = commands.add_parser("inspect", help="summarise the shards under a root")
     inspect.add_argument("root")
@@ -110,8 +113,14 @@ def truncation_counter(args: argparse.Namespace):
     return report
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def add_shard_size_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shard-samples", type=int, help="at most this many samples per shard")
+    parser.add_argument("--shard-samples", type=positive_int, help="at most this many samples per shard")
     parser.add_argument(
         "--shard-bytes",
         type=parse_size,
@@ -140,21 +149,8 @@ def run_build(args: argparse.Namespace) -> list[SplitManifest]:
         records, labeled = read_jsonl(args.input)
         seed = args.shuffle_seed if args.split == "train" else None
         return [write_split(records, spec, args.split, args.out, limits, source, seed, label_map, labeled)]
-    spec = get_spec(args.dataset)
     splits = read_mmsa(args.input) if args.format == "mmsa" else read_mse_adapter(args.input, args.dataset)
-    return [
-        write_split(
-            records,
-            spec,
-            split,
-            args.out,
-            limits,
-            source,
-            shuffle_seed=args.shuffle_seed if split == "train" else None,
-            label_map=label_map,
-        )
-        for split, records in splits.items()
-    ]
+    return write_splits(splits, get_spec(args.dataset), args.out, limits, source, args.shuffle_seed, label_map)
 
 
 def jsonl_spec(args: argparse.Namespace) -> DatasetSpec:
@@ -305,5 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if "FAILED" in report else 0
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable or full output: nothing half-written is published
+        print(f"error: cannot write the shards: {exc}; choose an --out you can write to", file=sys.stderr)
         return 2
     return 0

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 from egmf.datasets import CLASSIFICATION, DatasetSpec, spec_from_dict
 from egmf.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.tar")
 FORMAT_NAME = "egmf-shards"
 FORMAT_VERSION = 1
 
@@ -96,6 +98,14 @@ class SplitManifest:
             manifest = cls(**data, location=location)
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
             raise DataError(f"{where} is not a valid manifest ({exc}); rebuild the split") from None
+        unsafe = [shard.name for shard in manifest.shards if not SHARD_NAME.fullmatch(shard.name)]
+        if unsafe:
+            # A shard name is joined to the root and, for a pipe: root, handed to a shell: only plain tar file names
+            # stay inside the split's folder and out of the command.
+            raise DataError(
+                f"{where} names shards that are not plain .tar file names ({', '.join(map(repr, unsafe[:3]))}); the "
+                "manifest was altered or damaged: rebuild the split"
+            )
         if sum(s.num_samples for s in manifest.shards) != manifest.num_samples or any(
             s.num_samples < 1 for s in manifest.shards
         ):

@@ -23,6 +23,8 @@ MMSA_REQUIRED = ("raw_text", "audio", "vision", "id", "regression_labels")
 
 def load_trusted_pickle(path: str):
     """Unpickle a user-named release file (pickle can run code: only for trusted files)."""
+    if os.path.isdir(path):
+        raise DataError(f"--input {path} is a folder; this format reads one release pickle (e.g. unaligned_50.pkl)")
     if not os.path.isfile(path):
         raise DataError(f"input file {path} does not exist; pass the path of the release pickle with --input")
     with open(path, "rb") as f:
@@ -80,6 +82,11 @@ def mse_adapter_path(input_dir: str, dataset: str, split: str) -> str:
 
 def read_mse_adapter(input_dir: str, dataset: str) -> dict[str, list[RawRecord]]:
     """MELD / CHERMA in the MSE-Adapter layout: one pickle per split, a list of dicts."""
+    if not os.path.isdir(input_dir):
+        what = "is a file" if os.path.exists(input_dir) else "does not exist"
+        raise DataError(
+            f"--input {input_dir} {what}; this format reads the folder holding {dataset}_train/valid/test.pkl"
+        )
     splits = {}
     for split in MMSA_SPLITS:
         path = mse_adapter_path(input_dir, dataset, split)

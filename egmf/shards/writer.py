@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from egmf.atomic import publish, start_partial, write_atomically
+from egmf.atomic import partial_folder, publish, start_partial, write_atomically
 from egmf.datasets import CLASSIFICATION, DatasetSpec
 from egmf.errors import DataError
 from egmf.shards.clean import BuildReport, clean_record
@@ -120,12 +120,24 @@ class SplitWriter:
         self._tar = None
 
     def finish(
-        self, dims: dict[str, int], report: BuildReport, source: dict, stats: dict[str, FeatureStats]
+        self,
+        dims: dict[str, int],
+        report: BuildReport,
+        source: dict,
+        stats: dict[str, FeatureStats],
+        publish_now: bool = True,
     ) -> SplitManifest:
-        """Close the last shard, write the manifest, and swap the split into place."""
+        """Close the last shard, write the manifest, and swap the split into place (`publish_now` False: leave it
+        complete in its build folder, for `publish_splits`)."""
         self._close_shard()
         if not self.shards:
             raise DataError(f"{self.spec.name}/{self.split}: no samples to write; check the input file")
+        for modality, modality_stats in stats.items():
+            if not modality_stats.as_dict().get("frames"):
+                raise DataError(
+                    f"{self.spec.name}/{self.split}: the {modality} features hold no finite value in any sample "
+                    "(all NaN, inf or empty): they are missing, not noisy. Re-extract them"
+                )
         manifest = SplitManifest(
             dataset=self.spec.name,
             split=self.split,
@@ -149,7 +161,8 @@ class SplitWriter:
         )
         write_texts(self.build_dir, self.texts)
         write_atomically(os.path.join(self.build_dir, "manifest.json"), manifest.to_json().encode("utf-8"))
-        publish(self.build_dir, self.final_dir)
+        if publish_now:
+            publish(self.build_dir, self.final_dir)
         return manifest
 
     def abort(self) -> None:
@@ -196,9 +209,10 @@ def write_split(
     shuffle_seed: int | None = None,
     label_map: dict[str, str] | None = None,
     labeled: bool = True,
+    publish_now: bool = True,
 ) -> SplitManifest:
     """Clean `records` (a list) and write them as one split (`labeled` False: without labels); on any error
-    nothing is left behind."""
+    nothing is left behind. `publish_now` False leaves the complete split in its build folder (`write_splits`)."""
     order = list(range(len(records)))
     if shuffle_seed is not None:
         # Public releases group samples by video; shuffling train at build time keeps
@@ -211,7 +225,40 @@ def write_split(
     try:
         for index in order:
             writer.add(clean_record(records[index], spec, split, dims, report, label_map, stats, labeled))
-        return writer.finish(dims, report, source, stats)
+        return writer.finish(dims, report, source, stats, publish_now)
     except BaseException:
         writer.abort()
         raise
+
+
+def write_splits(
+    splits: dict[str, list],
+    spec: DatasetSpec,
+    out_dir: str,
+    limits: ShardLimits,
+    source: dict,
+    shuffle_seed: int,
+    label_map: dict[str, str] | None = None,
+) -> list[SplitManifest]:
+    """Write every split of one release (train shuffled with `shuffle_seed`), all or none: each split is built in
+    its own folder, their feature dims must agree, and only then are they swapped in together. An error in any
+    split leaves the folders that were there as they were."""
+    built: list[SplitManifest] = []
+    try:
+        for split, records in splits.items():
+            seed = shuffle_seed if split == "train" else None
+            built.append(write_split(records, spec, split, out_dir, limits, source, seed, label_map, publish_now=False))
+        dims = {(m.audio_dim, m.vision_dim) for m in built}
+        if len(dims) > 1:
+            found = ", ".join(f"{m.split} audio {m.audio_dim} / vision {m.vision_dim}" for m in built)
+            raise DataError(
+                f"{spec.name}: the splits have different feature dims ({found}); a model takes one set of dims per "
+                "dataset, so the input mixes feature extractions. Re-extract the features consistently"
+            )
+    except BaseException:
+        for manifest in built:
+            shutil.rmtree(partial_folder(manifest.location), ignore_errors=True)
+        raise
+    for manifest in built:
+        publish(partial_folder(manifest.location), manifest.location)
+    return built
