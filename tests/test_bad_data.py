@@ -163,3 +163,58 @@ def test_training_skips_a_few_bad_samples(tmp_path):
 def test_missing_manifest_says_how_to_build(tmp_path):
     with pytest.raises(DataError, match=r"no shards for demo_cls_en/train.*python -m egmf.shards demo --out"):
         TrainLoader(DataConfig(root=str(tmp_path)))
+
+
+def test_every_skipped_shard_is_named_even_past_the_sample_count_of_the_log(tmp_path, caplog):
+    """A missing shard skips many samples at once; the log still names it (logging counts events, not samples)."""
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "test", 90, shard_samples=30)
+    os.remove(manifest.shard_url(0))
+    os.remove(manifest.shard_url(2))
+    loader = EvalLoader(DataConfig(root=root, batch_size=8, num_workers=0), "demo_cls_en", "test")
+    with caplog.at_level(logging.WARNING, logger="egmf.data"):
+        assert len(valid_ids(loader)) == 30
+    for index in (0, 2):
+        assert f"skipped 30 bad sample(s) at {manifest.shard_url(index)}" in caplog.text
+
+
+def test_an_npy_header_declaring_a_huge_array_is_a_bad_sample_not_a_crash(tmp_path, caplog):
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "test", 10, shard_samples=10)
+    header = "{'descr': '<f2', 'fortran_order': False, 'shape': (4000000000, 16), }".encode()
+    header += b" " * (63 - len(header) % 64) + b"\n"
+    huge = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00" * 64
+    edit_members(manifest.shard_url(0), lambda name, data: huge if name == f"{key(2)}.audio.npy" else data)
+    loader = EvalLoader(DataConfig(root=root, batch_size=4, num_workers=0), "demo_cls_en", "test")
+    with caplog.at_level(logging.WARNING, logger="egmf.data"):
+        assert len(valid_ids(loader)) == 9 and loader.bad_samples == 1
+    assert f"{key(2)}" in caplog.text and "declares shape (4000000000, 16)" in caplog.text
+
+
+def test_an_empty_split_is_refused_when_its_manifest_is_read(tmp_path):
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "train", 4, shard_samples=4)
+    path = os.path.join(root, "demo_cls_en", "train", "manifest.json")
+    data = json.load(open(path))
+    json.dump({**data, "num_samples": 0, "shards": []}, open(path, "w"))
+    with pytest.raises(DataError, match="the split holds no samples"):
+        TrainLoader(DataConfig(root=root, train={"demo_cls_en": 1.0}))
+    assert manifest.num_samples == 4
+
+
+def test_the_bad_sample_limit_holds_for_the_whole_run_not_each_epoch(tmp_path):
+    """One broken sample met once per epoch: past max_bad_samples epochs the run stops (workers count per epoch,
+    the loader adds the epochs up, also across a resume)."""
+    root = str(tmp_path)
+    manifest = write_demo_split(root, "demo_cls_en", "train", 8, shard_samples=8)
+    edit_members(manifest.shard_url(0), lambda name, data: b"junk" if name.endswith("0000003.json") else data)
+    settings = dict(batch_size=8, num_workers=0, open_shards=1, max_bad_samples=2)  # one pass over the shard per epoch
+    cfg = DataConfig(root=root, train={"demo_cls_en": 1.0}, **settings)
+    loader = TrainLoader(cfg)
+    for _ in range(2):
+        list(loader)
+    assert loader.bad_samples == 2
+    resumed = TrainLoader(cfg)
+    resumed.load_state_dict(loader.state_dict())
+    with pytest.raises(DataError, match="3 bad samples skipped on this rank, more than data.max_bad_samples=2"):
+        list(resumed)

@@ -44,10 +44,11 @@ def batches_from(stream: IterableDataset, cfg: DataConfig, manifests: list[Split
 
 
 class _BadSampleTotal:
-    """Sums the bad-sample counts that each worker reports with its batches."""
+    """Sums the bad-sample counts that each worker reports with its batches, on top of the count `carried` over
+    from earlier epochs (workers count from 0 in each epoch; the limit is for the whole run)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.by_worker = limit, {}
+    def __init__(self, limit: int, carried: int = 0):
+        self.limit, self.by_worker, self.carried = limit, {}, carried
 
     def update(self, loader_state: dict) -> None:
         self.by_worker[loader_state["worker"]] = loader_state["bad_samples"]
@@ -60,7 +61,7 @@ class _BadSampleTotal:
 
     @property
     def total(self) -> int:
-        return sum(self.by_worker.values())
+        return self.carried + sum(self.by_worker.values())
 
 
 def batches_per_epoch(samples: int, batch_size: int, world_size: int) -> int:
@@ -108,6 +109,7 @@ class TrainLoader:
             self.step += 1
             yield batch
         self.epoch, self.step, self.snapshots, self.reseed = self.epoch + 1, 0, {}, 0
+        self.bad = _BadSampleTotal(self.cfg.max_bad_samples, self.bad.total)
 
     def state_dict(self) -> dict:
         """Where this rank's stream stands (JSON-able); save it with each checkpoint."""
@@ -122,10 +124,12 @@ class TrainLoader:
             "datasets": list(self.cfg.train),
             "snapshots": {str(k): v for k, v in self.snapshots.items()},
             "reseed": self.reseed,
+            "bad_samples_before_epoch": self.bad.carried,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
+        self.bad = _BadSampleTotal(self.cfg.max_bad_samples, state.get("bad_samples_before_epoch", 0))
         same_stream = all(
             state[key] == value
             for key, value in (

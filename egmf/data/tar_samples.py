@@ -21,17 +21,20 @@ MAX_LOGGED = 20
 
 
 class BadSamples:
-    """Counts skipped samples and stops loading once more than `limit` were skipped."""
+    """Counts skipped samples and stops loading once more than `limit` were skipped. The first MAX_LOGGED events
+    (a sample, or a whole unreadable or truncated shard) are logged with their place."""
 
     def __init__(self, limit: int, count: int = 0):
         self.limit = limit
         self.count = count
+        self.events = 0
 
     def add(self, where: str, reason: str, num_samples: int = 1) -> None:
         self.count += num_samples
-        if self.count <= MAX_LOGGED:
+        self.events += 1
+        if self.events <= MAX_LOGGED:
             logger.warning("skipped %d bad sample(s) at %s: %s", num_samples, where, reason)
-        elif self.count - num_samples < MAX_LOGGED + 1:
+        elif self.events == MAX_LOGGED + 1:
             logger.warning("more bad samples; logging stops here, the count goes on")
         if self.count > self.limit:
             raise DataError(

@@ -99,7 +99,22 @@ def decode_npy(data: bytes) -> np.ndarray:
             shape = (int(match[2]), int(match[3]))
             if len(data) - header_end == shape[0] * shape[1] * dtype.itemsize:
                 return np.frombuffer(data, dtype, offset=header_end).reshape(shape)
+    check_npy_size(data)
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def check_npy_size(data: bytes) -> None:
+    """A ValueError when the header declares more data than the member holds: np.load would first allocate the
+    declared size (a damaged or hostile header can ask for terabytes)."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(stream)
+    declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize  # float64: no overflow on absurd shapes
+    if declared > len(data) - stream.tell():
+        raise ValueError(
+            f"its header declares shape {shape} ({declared} bytes) but it holds {len(data) - stream.tell()}"
+        )
 
 
 def check_sample(sample: Sample, manifest: SplitManifest) -> None:

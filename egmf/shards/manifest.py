@@ -106,6 +106,8 @@ class SplitManifest:
                 f"{where} names shards that are not plain .tar file names ({', '.join(map(repr, unsafe[:3]))}); the "
                 "manifest was altered or damaged: rebuild the split"
             )
+        if manifest.num_samples < 1 or not manifest.shards:
+            raise DataError(f"{where}: the split holds no samples; rebuild it from an input that has some")
         if sum(s.num_samples for s in manifest.shards) != manifest.num_samples or any(
             s.num_samples < 1 for s in manifest.shards
         ):

@@ -317,6 +317,8 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        if self.loader.bad_samples:  # skipped bad training samples on this rank, so far (no chart while none)
+            metrics["data/bad_samples"] = self.loader.bad_samples
         self.tracker.log_metrics(metrics, self.state.step)
         self.watch_gate_collapse(metrics)
         summary = {
