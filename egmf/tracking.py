@@ -12,14 +12,18 @@ only here and only on the logging rank (it costs seconds to import).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 
 from egmf.atomic import write_json
 from egmf.distributed import WorldInfo
+from egmf.tracking_outbox import RECORDS, TARGET, UNSENT_DIR, Outbox, RecordRejected, send_records
 
 logger = logging.getLogger("egmf.train")
 
@@ -48,12 +52,19 @@ class MLflowConfig:
     """At the end, export the best model as a package (OUTPUT_DIR/package) and log it as an MLflow pyfunc model."""
     register_as: str = ""
     """With log_model: register the logged model under this name in the Model Registry."""
+    retry_s: float = 10.0
+    """While the tracking server is unreachable: seconds between tries to send what was kept (training goes on)."""
+    flush_timeout_s: float = 600.0
+    """At the end of the run: the longest wait for queued records (artifacts included) to reach the server."""
+    max_unsent_mb: int = 256
+    """Records kept on disk while the server is unreachable, at most (later metric records are then dropped)."""
 
 
 class NullTracker:
     """What every rank but the logging one gets."""
 
     run_id: str | None = None
+    experiment_id: str | None = None
     uri: str = ""
 
     def log_params(self, params: dict[str, object]) -> None:
@@ -83,12 +94,22 @@ def tracking_uri(cfg: MLflowConfig, output_dir: str) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'mlflow.db'))}"
 
 
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""Per-call bounds on talking to a tracking server (MLflow's own defaults retry for minutes); a user's values win."""
+
+
 class MLflowTracker(NullTracker):
+    """The run is created (or continued) at once; everything logged later goes through an Outbox
+    (egmf/tracking_outbox.py), so the training thread never waits on the server or fails because of it."""
+
     def __init__(self, cfg: MLflowConfig, output_dir: str, run_id: str | None):
         from mlflow.tracking import MlflowClient
 
         os.makedirs(output_dir, exist_ok=True)
-        self.uri = tracking_uri(cfg, output_dir)
+        self.cfg, self.uri = cfg, tracking_uri(cfg, output_dir)
+        if self.uri.startswith(("http://", "https://")):
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
         self.client = MlflowClient(self.uri)
         self.run_id = self._continue_run(run_id) if run_id else None
         if self.run_id is None:
@@ -96,6 +117,11 @@ class MLflowTracker(NullTracker):
             run_name = cfg.run_name or os.path.basename(os.path.abspath(output_dir))
             tags = {PARENT_TAG: cfg.parent_run_id} if cfg.parent_run_id else None
             self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        target = {"tracking_uri": self.uri, "run_id": self.run_id}
+        self.outbox = Outbox(
+            record_sender(self.uri, self.run_id), output_dir, target, cfg.retry_s, cfg.max_unsent_mb * 2**20
+        )
         self.monitor = None
         if cfg.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -124,53 +150,94 @@ class MLflowTracker(NullTracker):
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    @property
-    def experiment_id(self) -> str:
-        return self.client.get_run(self.run_id).info.experiment_id
-
     def log_params(self, params: dict[str, object]) -> None:
-        """Params are immutable in MLflow: on a resumed run, changed values are recorded as tags instead."""
-        from mlflow.entities import Param, RunTag
-
-        logged = self.client.get_run(self.run_id).data.params
-        new = [Param(k, _param_text(v)) for k, v in params.items() if k not in logged]
-        changed = [
-            RunTag(f"changed_on_resume.{k}", f"{logged[k]} -> {_param_text(v)}")
-            for k, v in params.items()
-            if k in logged and logged[k] != _param_text(v)
-        ]
-        for part in range(0, len(new), 100):  # MLflow takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=new[part : part + 100])
-        if changed:
-            logger.warning("config changed since the run started: %s", ", ".join(t.key for t in changed))
-            self.client.log_batch(self.run_id, tags=changed)
+        self.outbox.put({"op": "params", "values": {k: _param_text(v) for k, v in params.items()}})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.outbox.put({"op": "tags", "values": {k: str(v) for k, v in tags.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for part in range(0, len(batch), MAX_METRICS_PER_CALL):
-            self.client.log_batch(self.run_id, metrics=batch[part : part + MAX_METRICS_PER_CALL])
+        values = {k: float(v) for k, v in metrics.items()}
+        self.outbox.put({"op": "metrics", "step": step, "timestamp": int(time.time() * 1000), "values": values})
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        if os.path.isdir(path):
-            self.client.log_artifacts(self.run_id, path, artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, path, artifact_path)
+        if self.outbox.away_since:  # it will wait: keep it as it is now
+            path = self.outbox.keep_file(path, os.path.basename(os.path.normpath(path)))
+        self.outbox.put({"op": "artifact", "path": path, "artifact_path": artifact_path})
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        folder, name = os.path.split(artifact_file)
+        path = os.path.join(self.outbox.folder, "figures", str(time.time_ns()), name)
+        os.makedirs(os.path.dirname(path))
+        figure.savefig(path)
+        self.outbox.put({"op": "artifact", "path": path, "artifact_path": folder or None})
+
+    def flush(self) -> None:
+        """Send what was logged (the run stays RUNNING); nothing can be logged afterwards."""
+        self.outbox.close(self.cfg.flush_timeout_s)
 
     def end(self, status: str) -> None:
         if self.monitor is not None:
             self.monitor.finish()
-        self.client.set_terminated(self.run_id, status)
+        self.outbox.put({"op": "end", "status": status})
+        if not self.outbox.close(self.cfg.flush_timeout_s):
+            logger.warning(
+                "the MLflow run %s is not complete on %s until its kept records are sent", self.run_id, self.uri
+            )
+
+
+def record_sender(uri: str, run_id: str):
+    """send(record): one outbox record (egmf/tracking_outbox.py) as MLflow calls on run `run_id`. A request the
+    server answers with a client error (a bad value) raises RecordRejected; anything else is an outage."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+
+    def log_params(values: dict[str, str]) -> None:
+        """Params are immutable in MLflow: on a resumed run, changed values are recorded as tags instead."""
+        logged = client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in values.items() if k not in logged]
+        changed = [
+            RunTag(f"changed_on_resume.{k}", f"{logged[k]} -> {v}") for k, v in values.items() if logged.get(k, v) != v
+        ]
+        for part in range(0, len(new), 100):  # MLflow takes at most 100 params per call
+            client.log_batch(run_id, params=new[part : part + 100])
+        if changed:
+            logger.warning("config changed since the run started: %s", ", ".join(t.key for t in changed))
+            client.log_batch(run_id, tags=changed)
+
+    def log_metrics(record: dict) -> None:
+        batch = [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["values"].items()]
+        for part in range(0, len(batch), MAX_METRICS_PER_CALL):
+            client.log_batch(run_id, metrics=batch[part : part + MAX_METRICS_PER_CALL])
+
+    def log_artifact(path: str, artifact_path: str | None) -> None:
+        if os.path.isdir(path):
+            client.log_artifacts(run_id, path, artifact_path)
+        else:
+            client.log_artifact(run_id, path, artifact_path)
+
+    def send(record: dict) -> None:
+        op = record["op"]
+        try:
+            if op == "metrics":
+                log_metrics(record)
+            elif op == "params":
+                log_params(record["values"])
+            elif op == "tags":
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["values"].items()])
+            elif op == "artifact":
+                log_artifact(record["path"], record["artifact_path"])
+            elif op == "end":
+                client.set_terminated(run_id, record["status"])
+        except MlflowException as exc:
+            if 400 <= exc.get_http_status_code() < 500:
+                raise RecordRejected(str(exc)[:300]) from None
+            raise
+
+    return send
 
 
 def write_run_record(output_dir: str, tracker: NullTracker) -> None:
@@ -214,3 +281,23 @@ def open_tracker(cfg: MLflowConfig, output_dir: str, world: WorldInfo, run_id: s
 def flatten(config: dict) -> dict[str, object]:
     """{"data": {"batch_size": 8, "train": {...}}} -> {"data.batch_size": 8, "data.train": {...}}: a param a field."""
     return {f"{section}.{key}": value for section, fields in config.items() for key, value in fields.items()}
+
+
+def sync_main(argv: list[str] | None = None) -> int:
+    """`egmf-mlflow-sync OUTPUT_DIR`: send a run's kept MLflow records now that the server is back."""
+    parser = argparse.ArgumentParser(prog="egmf-mlflow-sync", description=sync_main.__doc__.split(": ", 1)[1])
+    parser.add_argument("output_dir", help="the run's output folder (train.output_dir)")
+    args = parser.parse_args(argv)
+    folder = os.path.join(args.output_dir, UNSENT_DIR)
+    if not os.path.exists(os.path.join(folder, RECORDS)):
+        print(f"nothing to send: {folder} holds no kept records")
+        return 0
+    with open(os.path.join(folder, TARGET)) as f:
+        target = json.load(f)
+    sent = send_records(os.path.join(folder, RECORDS), record_sender(target["tracking_uri"], target["run_id"]))
+    if sent is None:
+        print(f"error: {target['tracking_uri']} still does not take the records; the rest is kept", file=sys.stderr)
+        return 1
+    shutil.rmtree(folder)
+    print(f"{sent} record(s) sent to run {target['run_id']} at {target['tracking_uri']}")
+    return 0

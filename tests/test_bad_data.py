@@ -181,7 +181,7 @@ def test_every_skipped_shard_is_named_even_past_the_sample_count_of_the_log(tmp_
 def test_an_npy_header_declaring_a_huge_array_is_a_bad_sample_not_a_crash(tmp_path, caplog):
     root = str(tmp_path)
     manifest = write_demo_split(root, "demo_cls_en", "test", 10, shard_samples=10)
-    header = "{'descr': '<f2', 'fortran_order': False, 'shape': (4000000000, 16), }".encode()
+    header = b"{'descr': '<f2', 'fortran_order': False, 'shape': (4000000000, 16), }"
     header += b" " * (63 - len(header) % 64) + b"\n"
     huge = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00" * 64
     edit_members(manifest.shard_url(0), lambda name, data: huge if name == f"{key(2)}.audio.npy" else data)

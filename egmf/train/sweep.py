@@ -128,6 +128,7 @@ def start_parent_run(sweep: Sweep, cfg: Config) -> None:
         params = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in ("train.seed", "data.seed")}
         tracker.log_params(params | {"sweep.seeds": ",".join(map(str, sweep.seeds))})
         tracker.set_tags({"sweep": "parent", "sweep_root": sweep.root})
+    tracker.flush()
     sweep.tracking_uri, sweep.parent_run_id = tracker.uri, tracker.run_id
     sweep.save()
 

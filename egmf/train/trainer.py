@@ -520,7 +520,17 @@ class Trainer:
         from egmf.train.pyfunc_model import log_package_model
 
         package = export_package(best, os.path.join(self.output_dir, PACKAGE))
-        uri = log_package_model(package, self.tracker.run_id, self.tracker.uri, self.cfg.mlflow.register_as)
+        try:
+            uri = log_package_model(package, self.tracker.run_id, self.tracker.uri, self.cfg.mlflow.register_as)
+        except Exception as exc:  # the tracking server's failure must not fail a finished run
+            logger.warning(
+                "could not log the best model to MLflow (%s: %s); log it later with egmf-export --model %s --out "
+                "PACKAGE --mlflow",
+                type(exc).__name__,
+                str(exc)[:300],
+                best,
+            )
+            return
         logger.info(
             "best model logged to MLflow as %s%s",
             uri,
