@@ -112,7 +112,7 @@ def worker(args) -> None:
     entry.setup_logging(False)
     init_distributed(world, device)
     trainer = Trainer(cfg, ds_config, world, device)
-    trainer.setup(None)
+    trainer.setup([])
     trainer.engine.train()
     source = trainer.batches()
     prebuilt = [next(source).to(device) for _ in range(args.warmup + args.steps)]

@@ -168,3 +168,37 @@ def test_final_evaluation_can_be_switched_off(train_shards, tiny_llm, tmp_path):
     _, run = the_run(out)
     assert run.info.status == "FINISHED"
     assert json.load(open(os.path.join(out, "best", "best.json")))["step"] == 4
+
+
+def truncate_optimizer_state(checkpoint: str) -> str:
+    """Cut the checkpoint's optimizer file in half (a copy or a disk that ran out); returns its path."""
+    import glob
+
+    (path,) = glob.glob(os.path.join(checkpoint, "deepspeed", "*optim_states.pt"))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return path
+
+
+def test_a_checkpoint_that_does_not_load_falls_back_to_the_previous_one(train_shards, tiny_llm, tmp_path):
+    """The newest checkpoint's optimizer file is truncated: the run names it, resumes from the one before (a
+    warning and the MLflow tag resume_fallback), and finishes. When no checkpoint loads, the run stops and names
+    each one's problem."""
+    out = str(tmp_path / "out")
+    checkpoints = os.path.join(out, "checkpoints")
+    assert run_main(args(train_shards, tiny_llm, out, "--train.steps=12", "--train.stop_at_step=8"))[0] == 0
+    broken = truncate_optimizer_state(os.path.join(checkpoints, "step_00000008"))
+    size = os.path.getsize(broken)
+    assert run_main(args(train_shards, tiny_llm, out, "--train.steps=12"))[0] == 0
+    _, run = the_run(out)
+    fallback = run.data.tags["resume_fallback"]
+    assert fallback.startswith(f"resumed from {checkpoints}/step_00000004; did not load: ")
+    assert f"{broken} has {size} bytes" in fallback  # (step 8 is saved anew on the way to 12)
+    assert read_meta(os.path.join(checkpoints, "step_00000012"))["step"] == 12 and run.info.status == "FINISHED"
+
+    alone = str(tmp_path / "alone")
+    assert run_main(args(train_shards, tiny_llm, alone, "--train.steps=12", "--train.stop_at_step=4"))[0] == 0
+    broken = truncate_optimizer_state(os.path.join(alone, "checkpoints", "step_00000004"))
+    code, error, _ = run_main(args(train_shards, tiny_llm, alone, "--train.steps=12"))
+    assert code is None and error.startswith("CheckpointError: no checkpoint of the run loads")
+    assert broken in error and "checkpoint.resume=never" in error

@@ -10,7 +10,7 @@
         rng_rank{R}.pt            each rank's torch RNG states (loaded with weights_only=True)
         config.json               the resolved config
         ds_config.json            the DeepSpeed config the engine ran with
-        meta.json                 step, metrics, MLflow run id, world size (written last)
+        meta.json                 step, metrics, MLflow run id, world size, every file's size (written last)
 
 A save goes to `.partial-step_N/` (`egmf.atomic`); rank 0 renames it to
 `step_N/` only when every rank has finished, then replaces `latest` atomically. A crash at any
@@ -48,34 +48,75 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint of a run, or None."""
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """A run's complete checkpoints, the one `latest` names first, then the others newest first."""
     root = checkpoints_dir(output_dir)
+    if not os.path.isdir(root):
+        return []
+    complete = sorted(
+        (os.path.join(root, n) for n in os.listdir(root) if n.startswith("step_")),
+        key=lambda path: os.path.basename(path),
+        reverse=True,
+    )
+    complete = [path for path in complete if os.path.isfile(os.path.join(path, META))]
     try:
         with open(os.path.join(root, LATEST)) as f:
-            name = f.read().strip()
+            named = os.path.join(root, f.read().strip())
     except FileNotFoundError:
-        return None
-    path = os.path.join(root, name)
-    if not os.path.isfile(os.path.join(path, META)):
-        raise CheckpointError(
-            f"{root}/{LATEST} names {name}, which is incomplete or missing; delete {LATEST} to start over"
-        )
-    return path
+        return complete
+    return [named] * (named in complete) + [path for path in complete if path != named]
 
 
-def resolve_resume(resume: str, output_dir: str) -> str | None:
-    """The checkpoint to continue from: checkpoint.resume is 'auto', 'never' or a checkpoint folder."""
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint of a run, or None."""
+    candidates = complete_checkpoints(output_dir)
+    return candidates[0] if candidates else None
+
+
+def resume_candidates(resume: str, output_dir: str) -> list[str]:
+    """The checkpoints to try, in order, to continue from: checkpoint.resume 'auto' (every complete checkpoint,
+    newest first: the trainer falls back from one that does not load), 'never' (none) or one checkpoint folder."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        return complete_checkpoints(output_dir)
     if not os.path.isfile(os.path.join(resume, META)):
         raise CheckpointError(
             f"checkpoint.resume={resume} is not a complete checkpoint (no {META}); use a folder under "
             f"{checkpoints_dir(output_dir)}, 'auto' or 'never'"
         )
-    return resume
+    return [resume]
+
+
+def resolve_resume(resume: str, output_dir: str) -> str | None:
+    """The checkpoint a run would continue from first (see `resume_candidates`), or None."""
+    candidates = resume_candidates(resume, output_dir)
+    return candidates[0] if candidates else None
+
+
+def verify_checkpoint(checkpoint: str) -> None:
+    """A CheckpointError naming every file that is missing or has another size than when it was saved (a
+    truncated copy, a disk that filled up); checkpoints saved before sizes were recorded pass."""
+    recorded = read_meta(checkpoint).get("files", {})
+    problems = []
+    for name, size in recorded.items():
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            problems.append(f"{path} is missing")
+        elif os.path.getsize(path) != size:
+            problems.append(f"{path} has {os.path.getsize(path)} bytes, {size} when it was saved")
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
+def file_sizes(folder: str) -> dict[str, int]:
+    """{relative path: bytes} of every file under `folder`."""
+    sizes = {}
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(parent, name)
+            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return sizes
 
 
 def saved_weights(folder: str) -> tuple[dict, str]:
@@ -133,9 +174,10 @@ def save_checkpoint(
         engine.module.export(os.path.join(partial, EXPORT))
         write_json(os.path.join(partial, "config.json"), config)
         write_json(os.path.join(partial, "ds_config.json"), ds_config)
-        write_json(os.path.join(partial, META), {"step": step, "world_size": world.world_size, **meta})
     barrier()  # every rank's files are in place
     if world.is_logging_rank:
+        files = file_sizes(partial)  # so that a resume finds a truncated or missing file by name
+        write_json(os.path.join(partial, META), {"step": step, "world_size": world.world_size, **meta, "files": files})
         publish(partial, final)
         write_atomically(os.path.join(root, LATEST), f"{step_name(step)}\n".encode())
         prune(root, keep_last)

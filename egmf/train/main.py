@@ -173,9 +173,9 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
                 logger.info("building the demo shards (%s) and tiny model (%s)", cfg.data.root, cfg.llm.path)
                 build_demo_assets(cfg.data.root, splits_read(cfg), cfg.llm.path)
         barrier()
-        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
+        candidates = checkpoint.resume_candidates(cfg.checkpoint.resume, cfg.train.output_dir)
         trainer = Trainer(cfg, ds_config, world, device, stop_requested=lambda: stop.received)
-        trainer.setup(resume_from)
+        trainer.setup(candidates)
         outcome = trainer.train()
         trainer.end("KILLED" if outcome == "terminated" else "FINISHED")
         if world.is_logging_rank:

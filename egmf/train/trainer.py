@@ -1,7 +1,7 @@
 """The training loop on a DeepSpeed engine, with evaluation, best-model choice and checkpoints between steps.
 
     trainer = Trainer(cfg, ds_config, world, device)   # the config was validated before any process group
-    trainer.setup(resume_from)                         # model, engine, loader, tracker; restores a checkpoint
+    trainer.setup(resume_candidates)                   # model, engine, loader, tracker; restores a checkpoint
     trainer.train()                                    # -> train_step() -> forward_backward()
 
 Every rank runs the same number of micro-batches (TrainLoader) and takes every
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from egmf.atomic import building, write_json
 from egmf.data.loader import TrainLoader
 from egmf.distributed import WorldInfo, host_names
-from egmf.errors import NonFiniteLossError
+from egmf.errors import CheckpointError, NonFiniteLossError
 from egmf.model.egmf_model import EGMFModel
 from egmf.shards.manifest import load_manifest
 from egmf.shards.texts import MAX_TRUNCATED_SHARE, count_truncated, read_texts
@@ -107,7 +107,9 @@ class Trainer:
 
     # ---- setup ---------------------------------------------------------------------------------
 
-    def setup(self, resume_from: str | None) -> None:
+    def setup(self, resume_candidates: list[str]) -> None:
+        """Build the model, engine, loader and tracker, and continue from the first checkpoint of
+        `resume_candidates` that loads on every rank (checkpoint.resume_candidates: newest first)."""
         import deepspeed
 
         cfg = self.cfg
@@ -123,20 +125,59 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
-        if resume_from:
-            self.loader.load_state_dict(checkpoint.load_checkpoint(self.engine, self.world, resume_from))
-            meta = checkpoint.read_meta(resume_from)
-            self.state = RunState(**{k: meta[k] for k in asdict(RunState()) if k in meta})
-            self.saved_step = self.state.step
-            logger.info("resumed from %s at step %d", resume_from, self.state.step)
+        resume_from, unusable = self.resume(resume_candidates)
         if self.world.is_logging_rank:
             checkpoint.remove_partial_saves(self.output_dir)
         hosts = host_names(self.world)
         self.tracker = open_tracker(cfg.mlflow, self.output_dir, self.world, self.state.mlflow_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
         self.start_tracking(hosts)
+        if unusable:
+            self.tracker.set_tags(
+                {"resume_fallback": f"resumed from {resume_from}; did not load: " + "; ".join(unusable)}
+            )
         if self.world.is_logging_rank and not resume_from:
             self.report_text_truncation(model.tokenizer)
+
+    def resume(self, candidates: list[str]) -> tuple[str | None, list[str]]:
+        """(the checkpoint resumed from or None, why each newer one did not load). The ranks agree on each try, so
+        all fall back together; only when none loads does the run stop."""
+        unusable = []
+        for candidate in candidates:
+            problem = ""
+            try:
+                checkpoint.verify_checkpoint(candidate)
+                loader_state = checkpoint.load_checkpoint(self.engine, self.world, candidate)
+                meta = checkpoint.read_meta(candidate)
+            except Exception as exc:  # a damaged checkpoint: any reader's error
+                problem = f"{type(exc).__name__}: {str(exc)[:500]}"
+            if self.agreed_failure(bool(problem)):
+                unusable.append(f"{candidate} ({problem or 'failed on another rank'})")
+                logger.warning(
+                    "checkpoint %s does not load (%s); falling back to the previous complete one",
+                    candidate,
+                    problem or "failed on another rank",
+                )
+                continue
+            self.loader.load_state_dict(loader_state)
+            self.state = RunState(**{k: meta[k] for k in asdict(RunState()) if k in meta})
+            self.saved_step = self.state.step
+            logger.info("resumed from %s at step %d", candidate, self.state.step)
+            return candidate, unusable
+        if candidates:
+            raise CheckpointError(
+                "no checkpoint of the run loads: " + "; ".join(unusable) + ". Resume from another run's checkpoint "
+                "(checkpoint.resume=PATH) or start over (checkpoint.resume=never, or another train.output_dir)"
+            )
+        return None, unusable
+
+    def agreed_failure(self, failed: bool) -> bool:
+        """True on every rank when any rank failed."""
+        if self.world.world_size == 1:
+            return failed
+        flag = torch.tensor([float(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def report_text_truncation(self, tokenizer) -> None:
         """Rank 0: how many utterances of each split the prompt cuts at prompt.max_text_tokens (MLflow
