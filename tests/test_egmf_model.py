@@ -4,8 +4,10 @@ decoding (both modes), export/load in standard formats, and clear errors for bad
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -327,3 +329,25 @@ def test_without_lora_only_the_fusion_module_trains(tiny_llm, demo_root, tmp_pat
     fresh.load_exported(str(tmp_path))
     for (name, a), b in zip(model.fusion.state_dict().items(), fresh.fusion.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_our_calls_raise_no_deprecation_warnings(tiny_llm, demo_root, caplog):
+    """Training steps (with gradient checkpointing) and both decoding modes warn of nothing our code could change:
+    a deprecated argument or attribute of transformers, peft or torch would fail here before its removal breaks
+    a fresh install. Deprecations raised inside those libraries by their own code are not ours, and named."""
+    model = build_model(tiny_llm, checkpointing=True)
+    batch = first_batch(demo_root, "demo_reg_zh")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        model.train()
+        model(batch).loss.backward()
+        model.eval()
+        for mode in ("generate", "constrained"):
+            model.predict(batch, mode, max_new_tokens=4)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    deprecations = [m for m in messages if "deprecat" in m.lower() and not any(t in m for t in THEIRS)]
+    assert deprecations == []
+
+
+THEIRS = ("is_gradient_checkpointing",)
+"""Deprecations raised by peft's own code (peft calls transformers' is_gradient_checkpointing), not by our calls."""

@@ -347,3 +347,25 @@ def test_mistyped_demo_paths_are_errors_not_fresh_assets(capsys, tmp_path, demo_
     code, err = run_main(capsys, out, f"--data.root={typo}", f"--llm.path={tiny_llm}")
     assert code == 2 and f"cannot read {typo}/demo_cls_en/train/manifest.json" in err
     assert not typo.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_busy_rendezvous_port_is_named_with_the_fix(demo_root, tiny_llm, tmp_path):
+    """Rank 0 of a 2-rank job whose MASTER_PORT another process holds: exit 2 with the port and how to choose
+    another, not a traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        argv = [f"--data.root={demo_root}", f"--llm.path={tiny_llm}", f"--train.output_dir={tmp_path}/run"]
+        argv += ["--train.steps=2", "--eval.every=0", "--optim.warmup_steps=1"]
+        done = subprocess.run(
+            [sys.executable, "launch/train.py", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"the rendezvous port 127.0.0.1:{port} is already in use" in done.stderr and "--master_port" in done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch.distributed as dist
 from run_helpers import SMALL_EVAL, only_run
@@ -13,7 +14,7 @@ from run_helpers import SMALL_EVAL, only_run
 from egmf.train.main import main
 
 
-def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm, tmp_path):
+def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm, tmp_path, capsys):
     out = str(tmp_path / "out")
     code = main(
         [
@@ -37,6 +38,9 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     )
     assert code == 0
     assert not dist.is_initialized()  # main() leaves no process group behind
+    summary, log = capsys.readouterr()  # the end of the run: where the best model is and what to run next
+    assert re.search(r"step 2/2 \| loss .* \| elapsed 0:00:\d\d \| eta 0:00:00", log)
+    assert f"best model: {out}/best (step " in summary and f"egmf-predict --model {out}/best" in summary
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_00000002"
     saved = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step_"))
     assert saved == ["step_00000001", "step_00000002"]  # step 1: by the clock (the recipe saves every 400 steps)

@@ -12,6 +12,8 @@ All functions take prompt embeddings already left-padded, with explicit position
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -30,14 +32,15 @@ def greedy(
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     past, step_embeds, step_positions = None, inputs_embeds, position_ids
+    cache_arg = cache_keyword(llm)
     for _ in range(max_new_tokens):
         out = llm(
             inputs_embeds=step_embeds,
             attention_mask=attention_mask,
             position_ids=step_positions,
-            past_key_values=past,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_arg: past},
         )
         next_tokens = out.logits[:, -1].argmax(-1)
         for row, token in enumerate(next_tokens.tolist()):
@@ -48,7 +51,7 @@ def greedy(
                     generated[row].append(token)
         if all(done):
             break
-        past = out.past_key_values
+        past = returned_cache(out)
         step_embeds = embed(next_tokens)[:, None, :]
         step_positions = step_positions[:, -1:] + 1
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], 1)
@@ -79,7 +82,7 @@ def score_candidates(
     first = out.logits[:, -1].float().log_softmax(-1)[:, cand_ids[:, 0]]  # [B, C]: each candidate's first token
     if width == 1:
         return first
-    cache = out.past_key_values
+    cache = returned_cache(out)
     cache.batch_repeat_interleave(num_candidates)
     # Tokens 0..width-2 of every candidate after its prompt predict tokens 1..width-1.
     mask = torch.cat([attention_mask.repeat_interleave(num_candidates, 0), cand_mask[:, :-1].repeat(batch, 1)], 1)
@@ -88,12 +91,24 @@ def score_candidates(
         inputs_embeds=embed(cand_ids[:, :-1]).repeat(batch, 1, 1),
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=False,
+        **{cache_keyword(llm): cache},
     ).logits
     rest = logits.float().log_softmax(-1).gather(-1, cand_ids[:, 1:].repeat(batch, 1)[..., None]).squeeze(-1)
     rest = (rest * cand_mask[:, 1:].repeat(batch, 1)).sum(-1).view(batch, num_candidates)
     return first + rest
+
+
+def cache_keyword(llm) -> str:
+    """The forward argument that takes a KV cache: `cache` in transformers 5 (which deprecates
+    `past_key_values` and removes it in 5.40), `past_key_values` before."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name (reading the old one warns in transformers 5)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def weighted_median(scores: torch.Tensor) -> torch.Tensor:

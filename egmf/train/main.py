@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from egmf.config import describe_tree
 from egmf.errors import ConfigError
@@ -120,9 +121,16 @@ def show_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def setup_logging(is_logging_rank: bool) -> None:
-    level = logging.INFO if is_logging_rank else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+def setup_logging(world) -> None:
+    """Rank 0 logs from INFO, the others from WARNING with their rank in each line. Python warnings go through
+    logging too; the deprecation notices of third-party code (the same on every rank) appear once, from rank 0."""
+    level = logging.INFO if world.is_logging_rank else logging.WARNING
+    who = "" if world.world_size == 1 else f"[rank {world.rank}] "
+    logging.basicConfig(level=level, format=f"%(asctime)s {who}%(name)s %(levelname)s %(message)s", force=True)
+    logging.captureWarnings(True)
+    if not world.is_logging_rank:
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
     logging.getLogger("egmf").setLevel(level)
     for noisy in ("DeepSpeed", "deepspeed", "httpx", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        setup_logging(world.is_logging_rank)
+        setup_logging(world)
         if world.is_logging_rank:
             logger.info("resolved config:\n%s", format_config(cfg))
         return run(cfg, ds_config, world, device, stop)
@@ -166,7 +174,13 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
 
     trainer = None
     try:
-        init_distributed(world, device, cfg.train.collective_timeout_s)
+        try:
+            init_distributed(world, device, cfg.train.collective_timeout_s)
+        except Exception as exc:
+            if port_in_use(exc):
+                print(f"error: {port_in_use(exc)}", file=sys.stderr)
+                return 2
+            raise
         if world.is_logging_rank:
             clear_failures(cfg.train.output_dir)
             if needs_demo_assets(cfg):
@@ -200,6 +214,19 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
         kill_leftover_workers()
 
 
+def port_in_use(exc: Exception) -> str:
+    """What to do when the rendezvous port is taken (another job, a leftover process); '' for other errors."""
+    text = str(exc)
+    if "EADDRINUSE" not in text and "address already in use" not in text.lower():
+        return ""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (
+        f"the rendezvous port {where} is already in use (another job or a leftover process holds it); choose a "
+        "free one: deepspeed --master_port N ..., torchrun --master_port N ..., or MASTER_PORT=N for srun "
+        "(slurm/train_egmf.sh picks one per job)"
+    )
+
+
 def format_config(cfg: Config) -> str:
     lines = []
     for section, fields in cfg.to_dict().items():
@@ -209,10 +236,22 @@ def format_config(cfg: Config) -> str:
 
 
 def print_browse_hint(trainer, outcome: str) -> None:
+    """The end of a run in a few lines: where it is, the best model, what to run next, where to browse it."""
+    out = trainer.cfg.train.output_dir
+    print(f"\n{outcome}: {out} (step {trainer.state.step})")
+    from egmf.train.checkpoint import BEST
+
+    best = os.path.join(out, BEST)
+    if os.path.isdir(best):
+        state = trainer.state
+        print(f"best model: {best} (step {state.best_step}, selection score {state.best_score:.4f})")
+        print("next:")
+        print(f"  egmf-evaluate --checkpoint {best} --splits test")
+        print(f"  egmf-predict --model {best} --data SHARDS_OR_FILE.jsonl --out predictions.jsonl")
+        print(f"  egmf-export --model {best} --out PACKAGE [--merge-lora] [--mlflow]")
     uri = trainer.tracker.uri
     if not uri:
         return
-    print(f"\n{outcome}: {trainer.cfg.train.output_dir} (step {trainer.state.step})")
     if uri.startswith(("http://", "https://")):
         print(f"\nbrowse the run: {uri}/#/experiments/{trainer.tracker.experiment_id}/runs/{trainer.tracker.run_id}")
     else:

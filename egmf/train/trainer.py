@@ -348,6 +348,7 @@ class Trainer:
     def progress_bar(self):
         from tqdm import tqdm
 
+        self.started = (time.monotonic(), self.state.step)  # for the log's elapsed time and ETA
         interactive = self.world.is_logging_rank and sys.stderr.isatty()
         return tqdm(total=self.total_steps, initial=self.state.step, disable=not interactive, unit="step")
 
@@ -371,11 +372,19 @@ class Trainer:
         if "train/mfu" in metrics:
             summary["mfu"] = f"{metrics['train/mfu']:.1%}"
         if progress.disable and self.world.is_logging_rank:
+            summary |= self.elapsed_and_eta()
             logger.info(
                 "step %d/%d | %s", self.state.step, self.total_steps, " | ".join(f"{k} {v}" for k, v in summary.items())
             )
         progress.set_postfix(summary, refresh=False)
         window.reset()
+
+    def elapsed_and_eta(self) -> dict[str, str]:
+        """Time since this process started training, and the rest at its pace so far (evaluations included)."""
+        started_at, first_step = self.started
+        elapsed, done = time.monotonic() - started_at, self.state.step - first_step
+        eta = elapsed / done * (self.total_steps - self.state.step) if done else 0.0
+        return {"elapsed": clock(elapsed), "eta": clock(eta)}
 
     def watch_gate_collapse(self, metrics: dict[str, float]) -> None:
         """Warn (once per collapse) and tag the run when one expert holds the level-2 gate for several windows."""
@@ -600,6 +609,13 @@ class Trainer:
 
     def end(self, status: str) -> None:
         self.tracker.end(status)
+
+
+def clock(seconds: float) -> str:
+    """1:02:03 for 3723 s."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def headline(by_split: dict, mode: str) -> str:
