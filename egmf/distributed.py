@@ -11,6 +11,7 @@ testable in-process and identical under `deepspeed`, `torchrun` and `srun`.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from egmf.errors import ConfigError
+
+logger = logging.getLogger("egmf.train")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ def init_distributed(world: WorldInfo, device: torch.device, timeout_s: int = 18
             _env_set_here.append(key)
     # DeepSpeed creates its data-parallel groups with new_group(ranks) and no timeout, which torch fills in
     # with its module defaults (30 min gloo, 10 min NCCL), not ours: set those, so every group times out alike.
+    if device.type == "cpu" and world.is_logging_rank:
+        announce_cpu_comm_build()
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.distributed_c10d.default_pg_timeout = timeout
     dist.distributed_c10d.default_pg_nccl_timeout = timeout
@@ -90,6 +95,24 @@ def init_distributed(world: WorldInfo, device: torch.device, timeout_s: int = 18
         timeout=timeout,
         verbose=False,
     )
+
+
+CPU_COMM_OP = "deepspeed_shm_comm"
+"""The shared-memory op DeepSpeed JIT-compiles for CPU collectives, once per build cache (TORCH_EXTENSIONS_DIR)."""
+
+
+def announce_cpu_comm_build() -> None:
+    """Say so before DeepSpeed compiles its CPU communication op: a minute or more of silence otherwise. It is
+    built once per TORCH_EXTENSIONS_DIR (slurm/env.sh keeps one per environment, so requeued jobs reuse it)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = _get_build_directory(CPU_COMM_OP, verbose=False)
+    if not any(name.endswith(".so") for name in (os.listdir(folder) if os.path.isdir(folder) else [])):
+        logger.info(
+            "building DeepSpeed's CPU communication op (%s) in %s: once per environment, about a minute",
+            CPU_COMM_OP,
+            folder,
+        )
 
 
 def close_distributed() -> None:

@@ -6,3 +6,6 @@ else
     # shellcheck disable=SC1091
     source "${EGMF_VENV:-$EGMF_HOME/.venv}/bin/activate"
 fi
+# DeepSpeed JIT-compiles its CPU communication op on first use: keep the build with the environment, so it is
+# compiled once, not in every job or requeue (a node-local or missing home would rebuild it each time).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$EGMF_HOME/.cache/torch_extensions}

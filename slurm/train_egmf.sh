@@ -11,7 +11,8 @@
 # Preemption: Slurm sends SIGUSR1 to the ranks 300 s before the time limit (--signal). They agree to stop at
 # the next step boundary, save a checkpoint and exit 138; this script then requeues the job, which resumes
 # from that checkpoint (checkpoint.resume=auto) into the same MLflow run. SIGTERM (scancel, preemption by
-# the scheduler) also saves a checkpoint; the ranks exit 143.
+# the scheduler) also saves a checkpoint; the ranks exit 143. A warning that arrives before the first step
+# (start-up longer than its lead time) is not requeued (exit 1): it would recur in every requeue.
 #
 #SBATCH --job-name=egmf
 #SBATCH --nodes=2
@@ -25,6 +26,11 @@
 #SBATCH --requeue
 
 set -euo pipefail
+
+# `scancel --full --signal=USR1 JOB` (how many sites send the warning by hand) signals this shell too, whose
+# default for USR1 is to die: the job would end FAILED instead of being requeued. The ranks get it as well and
+# act on it; here it only needs to be survived.
+trap 'echo "egmf: SIGUSR1 reached the batch script; the ranks checkpoint and stop, then the job is requeued"' USR1
 
 # ---- the project and its Python environment ------------------------------------------------------
 # The batch script runs from a copy in Slurm's spool, so the project is found from the submit directory.
@@ -67,8 +73,15 @@ srun --label --kill-on-bad-exit=0 --wait="${EGMF_EXIT_WAIT:-120}" \
 case $rc in
     0 | 2) ;;  # finished; or a bad configuration, reported before anything started
     138)
-        echo "egmf: stopped before the time limit with a checkpoint; requeueing job ${SLURM_JOB_ID}"
-        scontrol requeue "$SLURM_JOB_ID"  # ends this script; the job starts again and resumes
+        if [ "${SLURM_RESTART_COUNT:-0}" -ge "${EGMF_MAX_REQUEUES:-50}" ]; then
+            # A job that keeps being stopped still makes progress each time, but a bound keeps a mistake cheap.
+            echo "egmf: requeued ${SLURM_RESTART_COUNT} times already (EGMF_MAX_REQUEUES=${EGMF_MAX_REQUEUES:-50});" \
+                "not requeueing again: resubmit it to continue from its checkpoint"
+            python launch/train.py "$@" "${train_args[@]}" --close-run=KILLED || true
+        else
+            echo "egmf: stopped before the time limit with a checkpoint; requeueing job ${SLURM_JOB_ID}"
+            scontrol requeue "$SLURM_JOB_ID"  # ends this script; the job starts again and resumes
+        fi
         ;;
     *)
         # A rank killed outright (out of memory, SIGKILL) cannot end its MLflow run; do it here.

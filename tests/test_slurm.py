@@ -129,10 +129,11 @@ def test_two_node_training(slurm, train_shards, tiny_llm, tmp_path):
     assert sorted(losses(out)) == list(range(1, 9))
 
 
-def test_time_limit_signal_requeues_and_resumes(slurm, train_shards, tiny_llm, tmp_path):
-    """USR1, as `--signal=USR1@300` sends it before the time limit: the ranks save at the next step boundary
-    and exit 138, the script requeues the job, and the job resumes into the same MLflow run, no step lost or
-    repeated."""
+@pytest.mark.parametrize("how", [["--signal=USR1"], ["--full", "--signal=USR1"]], ids=["steps", "full"])
+def test_time_limit_signal_requeues_and_resumes(slurm, train_shards, tiny_llm, tmp_path, how):
+    """USR1, as `--signal=USR1@300` sends it before the time limit (or by hand with `scancel --full`, which signals
+    the batch script too): the ranks save at the next step boundary and exit 138, the script requeues the job,
+    and the job resumes into the same MLflow run, no step lost or repeated."""
     out, log = str(tmp_path / "out"), str(tmp_path / "job.out")
     steps = 40
     args = run_args(train_shards, tiny_llm, out, f"--train.steps={steps}", "--eval.every=0", *SMALL_EVAL)
@@ -140,7 +141,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, train_shards, tiny_llm, t
     try:
         job_id = wait_for_log(job, log, r"egmf: job (\d+)").group(1)
         wait_for_log(job, log, rf"step 4/{steps}")
-        subprocess.run(["scancel", "--signal=USR1", job_id], env=job_env(slurm), check=True, timeout=30)
+        subprocess.run(["scancel", *how, job_id], env=job_env(slurm), check=True, timeout=30)
         job.wait(timeout=600)
     finally:
         end_job(job, slurm, log)
@@ -149,6 +150,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, train_shards, tiny_llm, t
     stopped_at = int(re.search(r"stop signal: checkpoint saved at step (\d+)", text).group(1))
     assert 4 <= stopped_at < steps
     assert f"requeueing job {job_id}" in text and f"job {job_id} (restart 1)" in text
+    assert ("SIGUSR1 reached the batch script" in text) == ("--full" in how)
     assert f"resumed from {out}/checkpoints/step_{stopped_at:08d} at step {stopped_at}" in text
     assert "Restarts=1" in scontrol_job(slurm, job_id)
     client, run = only_run(out)

@@ -67,6 +67,21 @@ def nan_loss(on_calls: set[int] | None, counter: list[int]) -> None:
     EGMFModel.forward = forward_with_nan
 
 
+def usr1_during_setup() -> None:
+    """Slurm's time-limit warning arrives while the job is still starting (before its first step)."""
+    import signal
+
+    from egmf.train.trainer import Trainer
+
+    setup = Trainer.setup
+
+    def setup_then_warning(self, candidates):
+        setup(self, candidates)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    Trainer.setup = setup_then_warning
+
+
 def child(argv: list[str], fault: str, results) -> None:
     from egmf.train import main as train_entry
 
@@ -77,6 +92,8 @@ def child(argv: list[str], fault: str, results) -> None:
         nan_loss({3}, counter)
     elif fault == "nan_always":
         nan_loss(None, counter)
+    elif fault == "usr1_during_setup":
+        usr1_during_setup()
     try:
         results.put((train_entry.main(argv), "", len(counter)))
     except Exception as exc:
@@ -202,3 +219,14 @@ def test_a_checkpoint_that_does_not_load_falls_back_to_the_previous_one(train_sh
     code, error, _ = run_main(args(train_shards, tiny_llm, alone, "--train.steps=12"))
     assert code is None and error.startswith("CheckpointError: no checkpoint of the run loads")
     assert broken in error and "checkpoint.resume=never" in error
+
+
+def test_a_time_limit_warning_during_start_up_is_not_requeued(train_shards, tiny_llm, tmp_path):
+    """Start-up longer than the warning's lead time would recur in every requeue (one step each time): the run
+    saves its checkpoint and exits 1, which slurm/train_egmf.sh does not requeue, instead of 138."""
+    out = str(tmp_path / "out")
+    code, error, _ = run_main(args(train_shards, tiny_llm, out, "--train.steps=12"), "usr1_during_setup")
+    assert (code, error) == (1, "")
+    assert read_meta(os.path.join(out, "checkpoints", "step_00000001"))["step"] == 1
+    _, run = the_run(out)
+    assert run.info.status == "KILLED"

@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -190,11 +191,19 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
         candidates = checkpoint.resume_candidates(cfg.checkpoint.resume, cfg.train.output_dir)
         trainer = Trainer(cfg, ds_config, world, device, stop_requested=lambda: stop.received)
         trainer.setup(candidates)
+        warned_during_startup = stop.signum == signal.SIGUSR1
         outcome = trainer.train()
         trainer.end("KILLED" if outcome == "terminated" else "FINISHED")
         if world.is_logging_rank:
             print_browse_hint(trainer, outcome)
         barrier()  # leave together: a job script may cut short ranks that outlive the first one to exit
+        if outcome == "terminated" and warned_during_startup:
+            logger.error(
+                "the time-limit warning (SIGUSR1) came before the first step: start-up takes longer than the warning's "
+                "lead time, so a requeued job would do the same again. Not requeued (exit 1): give the warning more "
+                "lead time (sbatch --signal=USR1@900) or the job a longer --time"
+            )
+            return 1
         return stop.exit_code if outcome == "terminated" else 0
     except BaseException as exc:
         # After a SIGTERM, an error (a collective broken by a peer that stopped) is part of the stop.
