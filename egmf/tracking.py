@@ -28,6 +28,10 @@ from egmf.tracking_outbox import RECORDS, TARGET, UNSENT_DIR, Outbox, RecordReje
 logger = logging.getLogger("egmf.train")
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+"""The experiment tag by which MLflow 3's UI opens an experiment in its model-training view (not the GenAI one)."""
+DESCRIPTION_TAG = "mlflow.note.content"
+"""The run's description in MLflow's UI (Markdown)."""
 PARENT_TAG = "mlflow.parentRunId"
 """The tag by which MLflow (and its UI) nests a run under another."""
 RUN_RECORD = "mlflow_run.json"
@@ -82,6 +86,9 @@ class NullTracker:
     def log_figure(self, figure, artifact_file: str) -> None:
         pass
 
+    def log_inputs(self, datasets: list[dict]) -> None:
+        pass
+
     def end(self, status: str) -> None:
         pass
 
@@ -132,12 +139,14 @@ class MLflowTracker(NullTracker):
     def _experiment_id(self, name: str, output_dir: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
+            if EXPERIMENT_KIND not in experiment.tags:
+                self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
             return experiment.experiment_id
         # A local store keeps artifacts beside it; a server uses its own artifact root.
         location = None
         if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
             location = "file://" + os.path.abspath(os.path.join(output_dir, "mlartifacts"))
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
 
     def _continue_run(self, run_id: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -159,6 +168,10 @@ class MLflowTracker(NullTracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         values = {k: float(v) for k, v in metrics.items()}
         self.outbox.put({"op": "metrics", "step": step, "timestamp": int(time.time() * 1000), "values": values})
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Datasets the run reads, shown as the run's inputs: each {name, digest, source, context, profile}."""
+        self.outbox.put({"op": "inputs", "datasets": datasets})
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         if self.outbox.away_since:  # it will wait: keep it as it is now
@@ -230,6 +243,8 @@ def record_sender(uri: str, run_id: str):
                 client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["values"].items()])
             elif op == "artifact":
                 log_artifact(record["path"], record["artifact_path"])
+            elif op == "inputs":
+                client.log_inputs(run_id, datasets=[dataset_input(d) for d in record["datasets"]])
             elif op == "end":
                 client.set_terminated(run_id, record["status"])
         except MlflowException as exc:
@@ -238,6 +253,16 @@ def record_sender(uri: str, run_id: str):
             raise
 
     return send
+
+
+def dataset_input(facts: dict):
+    """An MLflow DatasetInput from {name, digest, source, context, profile}."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        facts["name"], facts["digest"], "local", json.dumps({"uri": facts["source"]}), None, facts["profile"]
+    )
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", facts["context"])])
 
 
 def write_run_record(output_dir: str, tracker: NullTracker) -> None:

@@ -106,8 +106,11 @@ def test_mlflow_run_contents(two_rank_run):
     final = json.load(open(os.path.join(out, "final_metrics.json")))
     for dataset in DATASETS:  # the reported numbers: the best model's, on both splits
         for split in ("valid", "test"):
-            key = f"final/{split}/{dataset}/constrained/samples"
-            assert metrics[key] == final["reported"][key] > 0, key
+            key = f"final/{split}/{dataset}/constrained/acc"
+            assert metrics[key] == final["reported"][key], key
+            assert final["reported"][f"final/{split}/{dataset}/constrained/samples"] > 0  # counts: not charted
+            assert f"{split}/{dataset} " in tags["eval_samples"]
+    assert not any(key.endswith("/samples") for key in metrics)
     assert tags["selection"] == f"step {final['best_step']} of {STEPS}, on {final['selected_on']}"
     assert final["selected_on"].startswith("valid (constrained): 0.25 demo_cls_en/wf1")
     assert any(key.startswith("system/") for key in metrics)  # system metrics monitor
@@ -277,7 +280,7 @@ def test_torchrun_launch(train_shards, tiny_llm, tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
     _, run = only_run(out)
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
-    assert run.data.metrics["eval/test/demo_cls_en/constrained/samples"] == 24
+    assert run.data.tags["eval_samples"] == "test/demo_cls_en 24"
 
 
 def test_optimizer_offload_config_trains_and_resumes(train_shards, tiny_llm, tmp_path):

@@ -73,3 +73,11 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     assert abs(sum(metrics[f"gate_eval/test/demo_cls_en/{e}"] for e in experts) - 1) < 1e-5
     assert metrics["data/text_truncated/demo_cls_en/train"] == 0.0  # counted at the start (demo texts are short)
     assert "plots/gates_test.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    # what the MLflow UI shows about the run: its view, description, inputs, epoch; no constant count charts
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["mlflow.note.content"].startswith("EGMF on demo_cls_en (2), demo_cls_zh (2)")
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert {"demo_cls_en/train", "demo_cls_en/test"} <= set(inputs) and len(inputs["demo_cls_en/test"].dataset.digest)
+    assert {t.value for t in inputs["demo_cls_en/train"].tags} == {"training"}
+    assert 0 < metrics["train/epoch"] < 1 and not any(key.endswith("/samples") for key in metrics)
+    assert run.data.tags["eval_samples"] == "test/demo_cls_en 24"

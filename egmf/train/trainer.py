@@ -12,6 +12,7 @@ ranks and lead to a collective on one rank only is a hang.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from egmf.errors import CheckpointError, NonFiniteLossError
 from egmf.model.egmf_model import EGMFModel
 from egmf.shards.manifest import load_manifest
 from egmf.shards.texts import MAX_TRUNCATED_SHARE, count_truncated, read_texts
-from egmf.tracking import flatten, open_tracker, write_run_record
+from egmf.tracking import DESCRIPTION_TAG, flatten, open_tracker, write_run_record
 from egmf.train import checkpoint
 from egmf.train.config import Config
 from egmf.train.ds_config import offloads_optimizer, precision_name
@@ -222,8 +223,10 @@ class Trainer:
                 "device": self.device.type,
                 "precision": precision_name(self.ds_config),
                 "schedule": self.plan.describe(),
+                DESCRIPTION_TAG: self.description(),
             }
         )
+        tracker.log_inputs(self.dataset_inputs())
         if self.world.is_logging_rank:
             os.makedirs(self.output_dir, exist_ok=True)
             write_run_record(self.output_dir, tracker)
@@ -233,6 +236,36 @@ class Trainer:
             logger.info("MLflow run %s in %s", tracker.run_id, tracker.uri)
             global_batch = self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world.world_size
             logger.info("schedule: %s, global batch %d", self.plan.describe(), global_batch)
+
+    def description(self) -> str:
+        """The run's description in MLflow: what it trains on, with what, and how long."""
+        cfg = self.cfg
+        train = ", ".join(f"{name} ({weight:g})" for name, weight in cfg.data.train.items())
+        experts = ", ".join(cfg.fusion.experts) + (" (uniform gate)" if cfg.fusion.gating == "uniform" else "")
+        return (
+            f"EGMF on {train}; evaluated on {', '.join(cfg.data.eval)} ({', '.join(cfg.eval.splits)}).\n\n"
+            f"LLM `{cfg.llm.path}` with LoRA r={cfg.lora.rank}{'' if cfg.lora.enabled else ' (off)'}; experts: "
+            f"{experts}; {cfg.fusion.num_pseudo_tokens} pseudo tokens.\n\nSchedule: {self.plan.describe()}; "
+            f"{self.world.world_size} rank(s). Output: `{os.path.abspath(self.output_dir)}`."
+        )
+
+    def dataset_inputs(self) -> list[dict]:
+        """Every split the run reads, as MLflow dataset inputs (name, a digest of its shards, where it is)."""
+        inputs = []
+        for dataset, split in splits_read(self.cfg):
+            manifest = load_manifest(self.cfg.data.root, dataset, split)
+            digest = hashlib.sha256("".join(shard.sha256 for shard in manifest.shards).encode()).hexdigest()[:10]
+            profile = {"num_samples": manifest.num_samples, "lang": manifest.lang, "task": manifest.task}
+            inputs.append(
+                {
+                    "name": f"{dataset}/{split}",
+                    "digest": digest,
+                    "source": manifest.location,
+                    "context": "training" if split == "train" else "evaluation",
+                    "profile": json.dumps(profile),
+                }
+            )
+        return inputs
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -359,6 +392,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        metrics["train/epoch"] = self.loader.epoch + self.loader.step / len(self.loader)
         if self.loader.bad_samples:  # skipped bad training samples on this rank, so far (no chart while none)
             metrics["data/bad_samples"] = self.loader.bad_samples
         self.tracker.log_metrics(metrics, self.state.step)
@@ -419,7 +453,9 @@ class Trainer:
             all_metrics.update(flat_metrics(results, split, prefix))
             all_rows += rows
         if self.world.is_logging_rank:
-            self.tracker.log_metrics(all_metrics, self.state.step)
+            self.tracker.log_metrics(charted(all_metrics), self.state.step)
+            if tag == "final":
+                self.tracker.set_tags({"eval_samples": sample_counts(all_metrics)})
             write_evaluation(os.path.join(self.output_dir, PREDICTIONS, tag), all_rows, all_metrics)
             logger.info("%s at step %d: %s", tag, self.state.step, headline(by_split, self.cfg.eval.select_mode))
         return by_split, all_rows, all_metrics
@@ -528,7 +564,7 @@ class Trainer:
         if best_step == self.state.step and self.cfg.eval.final:
             by_split = {split: results for split, results in last.items() if split in others}
             reported = {k: v for split in by_split for k, v in flat_metrics(by_split[split], split, "final").items()}
-            self.tracker.log_metrics(reported, self.state.step)
+            self.tracker.log_metrics(charted(reported), self.state.step)
         elif others:
             self.engine.module.load_exported(os.path.join(self.output_dir, checkpoint.BEST))
             _, _, reported = self.run_evaluation("best", others, prefix="final")
@@ -540,7 +576,7 @@ class Trainer:
             chosen_on = json.load(f)["metrics"]
         prefix = f"eval/{self.cfg.eval.select_split}/"
         own = {"final/" + k.removeprefix("eval/"): v for k, v in chosen_on.items() if k.startswith(prefix)}
-        self.tracker.log_metrics(own, self.state.step)
+        self.tracker.log_metrics(charted(own), self.state.step)
         return own | reported
 
     def log_final_artifacts(self) -> None:
@@ -609,6 +645,18 @@ class Trainer:
 
     def end(self, status: str) -> None:
         self.tracker.end(status)
+
+
+def charted(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics worth a chart in MLflow: sample counts are constant per split (they go to a tag and to the
+    evaluation's metrics.json instead)."""
+    return {key: value for key, value in metrics.items() if not key.endswith("/samples")}
+
+
+def sample_counts(metrics: dict[str, float]) -> str:
+    """'valid/demo_cls_en 24, test/demo_cls_en 24' from PREFIX/SPLIT/DATASET/MODE/samples keys."""
+    counts = {"/".join(k.split("/")[1:3]): int(v) for k, v in metrics.items() if k.endswith("/samples")}
+    return ", ".join(f"{where} {count}" for where, count in counts.items())
 
 
 def clock(seconds: float) -> str:
