@@ -219,6 +219,42 @@ def test_sigterm_ends_the_run_killed(train_shards, tiny_llm, tmp_path):
     assert f"stop signal: checkpoint saved at step {step}" in log_path.read_text()
 
 
+def test_a_rank_killed_outright_ends_the_run_failed_and_its_peer_says_it_was_a_witness(
+    train_shards, tiny_llm, tmp_path
+):
+    """SIGKILL to rank 1 (as the kernel's out-of-memory killer sends it): the launcher stops rank 0, whose stop
+    breaks on the lost peer. The run ends FAILED, not KILLED, and rank 0's note says a peer was lost rather than
+    blaming itself."""
+    import psutil
+
+    out = str(tmp_path / "out")
+    args = run_args(train_shards, tiny_llm, out, "--train.steps=100000", "--mlflow.system_metrics=false")
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(
+            deepspeed_command(args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and launcher.poll() is None and not mlflow_has_losses(out):
+                time.sleep(2)
+            ranks = [
+                p
+                for p in psutil.Process(launcher.pid).children(recursive=True)
+                if "launch/train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"
+            ]
+            rank1 = min(ranks, key=lambda p: p.create_time())  # the rank, not one of its loader workers
+            rank1.send_signal(signal.SIGKILL)
+            assert wait_for_group_exit(launcher, 180), "ranks still running 180 s after rank 1 was killed"
+        finally:
+            if group_alive(launcher.pid):
+                os.killpg(launcher.pid, signal.SIGKILL)
+    _, run = only_run(out)
+    assert run.info.status == "FAILED", log_path.read_text()[-5000:]
+    note = open(os.path.join(out, "failures", "rank0.txt")).read().splitlines()[-1]
+    assert note.startswith("a peer rank was lost"), note
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

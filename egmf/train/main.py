@@ -206,10 +206,12 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
             return 1
         return stop.exit_code if outcome == "terminated" else 0
     except BaseException as exc:
-        # After a SIGTERM, an error (a collective broken by a peer that stopped) is part of the stop.
-        stopped = stop.received or isinstance(exc, KeyboardInterrupt)
+        lost_peer = peer_lost(exc)
+        # A clean stop raises nothing: an error after a SIGTERM means the stop itself broke, and the run failed.
+        stopped = (stop.received or isinstance(exc, KeyboardInterrupt)) and not lost_peer
         if not stopped:
-            write_failure(cfg.train.output_dir, world, traceback.format_exc())
+            note = f"a peer rank was lost: this rank's collective broke ({str(exc)[:200]})" if lost_peer else ""
+            write_failure(cfg.train.output_dir, world, traceback.format_exc() + note)
         # The launcher stops every rank when one fails: then the run failed, it was not killed.
         status = "FAILED" if failed_ranks(cfg.train.output_dir) or not stopped else "KILLED"
         if trainer is not None and hasattr(trainer, "tracker"):
@@ -221,6 +223,16 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
     finally:
         close_distributed()
         kill_leftover_workers()
+
+
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "DistNetworkError")
+"""How a collective fails when the rank at its other end is gone (killed outright, out of memory)."""
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective broken by a rank that went away: this rank is a witness, not the cause."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(sign in text for sign in LOST_PEER)
 
 
 def port_in_use(exc: Exception) -> str:

@@ -1,6 +1,7 @@
 """Failure markers: how a run's status survives the process that failed.
 
-    OUTPUT_DIR/failures/rank{R}.txt    node name, then the traceback of the rank that raised
+    OUTPUT_DIR/failures/rank{R}.txt    node name, then the traceback of the rank that raised (a rank whose
+                                       collective broke because a peer went away says so on its last line)
 
 When one rank fails, the launcher stops the others with SIGTERM. Rank 0 then
 sees a stop, not an error, and would end the MLflow run KILLED; the marker
