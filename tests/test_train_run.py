@@ -317,6 +317,9 @@ def test_torchrun_launch(train_shards, tiny_llm, tmp_path):
     _, run = only_run(out)
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert run.data.tags["eval_samples"] == "test/demo_cls_en 24"
+    # each third-party warning once (from rank 0), through logging, with the rank in other ranks' lines
+    warned = [line.split(" py.warnings ", 1)[1] for line in done.stderr.splitlines() if " py.warnings " in line]
+    assert len(warned) == len(set(warned)) and not any("[rank 1] py.warnings" in x for x in done.stderr.splitlines())
 
 
 def test_optimizer_offload_config_trains_and_resumes(train_shards, tiny_llm, tmp_path):
