@@ -276,10 +276,13 @@ class Trainer:
         if done_training and os.path.exists(os.path.join(self.output_dir, FINAL_METRICS)):
             logger.info("the run in %s is already complete (step %d)", self.output_dir, self.state.step)
             return "complete"
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         self.engine.train()
         batches = self.batches()
         try:
-            return self.train_loop(batches)
+            with logging_redirect_tqdm():  # log lines (warnings included) go above the progress bar, not through it
+                return self.train_loop(batches)
         finally:
             batches.close()  # stops the loader's workers now, not at garbage collection
 
