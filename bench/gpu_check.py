@@ -108,8 +108,19 @@ def gpu_step(env: dict, args: argparse.Namespace, folder: str) -> dict:
     return result
 
 
+DEMO_BUILD = (
+    "import sys; from egmf.datasets import DEMO_DATASETS; from egmf.demo_assets import build_demo_assets; "
+    "build_demo_assets(sys.argv[1], [(d, s) for d in DEMO_DATASETS for s in ('train', 'valid', 'test')], sys.argv[2])"
+)
+"""Runs build the demo's shards and model only at the demo recipe's own paths; this scratch copy is built here."""
+
+
 def train(env: dict, args: argparse.Namespace, folder: str, mlflow_installed: bool) -> dict:
     out = os.path.join(folder, "train")
+    build = [sys.executable, "-c", DEMO_BUILD, f"{folder}/shards", f"{folder}/tiny-llm"]
+    built = subprocess.run(build, cwd=REPO, env=env, capture_output=True, text=True)
+    if built.returncode != 0:
+        return {"stage": "train", "status": "failed", "output": built.stderr[-4000:], "figures": {}}
     command = [sys.executable, "launch/train.py", "--deepspeed", "ds_configs/zero2.json"]
     command += [f"--data.root={folder}/shards", f"--llm.path={folder}/tiny-llm", f"--train.output_dir={out}"]
     command += [f"--train.steps={args.train_steps}", "--train.log_every=5", f"--train.device={args.device}"]

@@ -109,7 +109,7 @@ def worker(args) -> None:
         "--deepspeed=ds_configs/zero2.json",
     ]
     cfg, ds_config, world, device = entry.configure(*entry.build_parser().parse_known_args(train_args))
-    entry.setup_logging(False)
+    entry.setup_logging(world)
     init_distributed(world, device)
     trainer = Trainer(cfg, ds_config, world, device)
     trainer.setup([])

@@ -51,14 +51,20 @@ def test_rows_carry_probabilities_scores_and_gates_and_match_evaluate(best, trai
         else:
             assert row["score"] == row["prediction"] and -3 <= row["score"] <= 3 and row["spread"] >= 0
     # egmf-evaluate on the same model, split and mode scores exactly these predictions
+    assert evaluated_predictions(best, train_shards, tmp_path) == {
+        (r["dataset"], r["id"]): r["prediction"] for r in rows
+    }
+
+
+def evaluated_predictions(best: str, shards: str, tmp_path) -> dict:
+    """{(dataset, id): prediction} that egmf-evaluate makes on the labeled test splits (constrained)."""
     evaluated = tmp_path / "eval"
     code = evaluate_main.main(
         ["--checkpoint", best, "--splits", "test", "--modes", "constrained", "--out", str(evaluated)]
-        + ["--datasets", ",".join(DATASETS), "--shards", train_shards]
+        + ["--datasets", ",".join(DATASETS), "--shards", shards]
     )
     assert code == 0
-    scored = {(r["dataset"], r["id"]): r["prediction"] for r in map(json.loads, open(evaluated / "test.jsonl"))}
-    assert scored == {(r["dataset"], r["id"]): r["prediction"] for r in rows}
+    return {(r["dataset"], r["id"]): r["prediction"] for r in map(json.loads, open(evaluated / "test.jsonl"))}
 
 
 def test_csv_flattens_the_same_rows(best, train_shards, tmp_path):
@@ -112,14 +118,9 @@ def test_an_unlabeled_jsonl_split_is_predicted_as_egmf_evaluate_scores_the_label
         assert "label" not in row and abs(sum(row["gate"].values()) - 1) < 1e-5
         if row["dataset"] == "demo_cls_en":
             assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
-    evaluated = tmp_path / "eval"
-    code = evaluate_main.main(
-        ["--checkpoint", best, "--splits", "test", "--modes", "constrained", "--out", str(evaluated)]
-        + ["--datasets", ",".join(DATASETS), "--shards", train_shards]
+    assert {(r["dataset"], r["id"]): r["prediction"] for r in rows} == evaluated_predictions(
+        best, train_shards, tmp_path
     )
-    assert code == 0
-    scored = {(r["dataset"], r["id"]): r["prediction"] for r in map(json.loads, open(evaluated / "test.jsonl"))}
-    assert {(r["dataset"], r["id"]): r["prediction"] for r in rows} == scored
     direct = str(tmp_path / "direct.jsonl")
     source = os.path.join(tmp_path, "demo_cls_en", "demo_cls_en_test.jsonl")
     args = ["--model", best, "--data", source, "--datasets", "demo_cls_en", "--out", direct]

@@ -3,6 +3,7 @@ checked through MlflowClient; exact resume; launch/evaluate.py; a run stopped by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -194,22 +195,10 @@ def test_sigterm_ends_the_run_killed(train_shards, tiny_llm, tmp_path):
     next step boundary and the MLflow run ends KILLED. (The `deepspeed` runner itself does not pass a SIGTERM
     on to a single-node job, so signalling only it would orphan the ranks.)"""
     out = str(tmp_path / "out")
-    args = run_args(train_shards, tiny_llm, out, "--train.steps=100000", "--mlflow.system_metrics=false")
     log_path = tmp_path / "launcher.log"
-    with open(log_path, "w") as log:
-        launcher = subprocess.Popen(
-            deepspeed_command(args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            deadline = time.time() + 300
-            while time.time() < deadline and launcher.poll() is None and not mlflow_has_losses(out):
-                time.sleep(2)
-            assert launcher.poll() is None, "the run ended early:\n" + log_path.read_text()[-5000:]
-            os.killpg(launcher.pid, signal.SIGTERM)
-            assert wait_for_group_exit(launcher, 120), "ranks still running 120 s after SIGTERM"
-        finally:
-            if group_alive(launcher.pid):
-                os.killpg(launcher.pid, signal.SIGKILL)  # no rank may outlive the test
+    with long_two_rank_run(train_shards, tiny_llm, out, log_path) as launcher:
+        os.killpg(launcher.pid, signal.SIGTERM)
+        assert wait_for_group_exit(launcher, 120), "ranks still running 120 s after SIGTERM"
     _, run = only_run(out)
     assert run.info.status == "KILLED", log_path.read_text()[-5000:]
     assert not os.path.exists(os.path.join(out, "failures"))  # a stop, not a failure
@@ -228,8 +217,27 @@ def test_a_rank_killed_outright_ends_the_run_failed_and_its_peer_says_it_was_a_w
     import psutil
 
     out = str(tmp_path / "out")
-    args = run_args(train_shards, tiny_llm, out, "--train.steps=100000", "--mlflow.system_metrics=false")
     log_path = tmp_path / "launcher.log"
+    with long_two_rank_run(train_shards, tiny_llm, out, log_path) as launcher:
+        ranks = [
+            p
+            for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "launch/train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"
+        ]
+        rank1 = min(ranks, key=lambda p: p.create_time())  # the rank, not one of its loader workers
+        rank1.send_signal(signal.SIGKILL)
+        assert wait_for_group_exit(launcher, 180), "ranks still running 180 s after rank 1 was killed"
+    _, run = only_run(out)
+    assert run.info.status == "FAILED", log_path.read_text()[-5000:]
+    note = open(os.path.join(out, "failures", "rank0.txt")).read().splitlines()[-1]
+    assert note.startswith("a peer rank was lost"), note
+
+
+@contextlib.contextmanager
+def long_two_rank_run(train_shards: str, tiny_llm: str, out: str, log_path):
+    """A 2-rank deepspeed run that would go on for hours, handed over once it logs losses; afterwards no rank of
+    it is left running."""
+    args = run_args(train_shards, tiny_llm, out, "--train.steps=100000", "--mlflow.system_metrics=false")
     with open(log_path, "w") as log:
         launcher = subprocess.Popen(
             deepspeed_command(args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -238,21 +246,11 @@ def test_a_rank_killed_outright_ends_the_run_failed_and_its_peer_says_it_was_a_w
             deadline = time.time() + 300
             while time.time() < deadline and launcher.poll() is None and not mlflow_has_losses(out):
                 time.sleep(2)
-            ranks = [
-                p
-                for p in psutil.Process(launcher.pid).children(recursive=True)
-                if "launch/train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"
-            ]
-            rank1 = min(ranks, key=lambda p: p.create_time())  # the rank, not one of its loader workers
-            rank1.send_signal(signal.SIGKILL)
-            assert wait_for_group_exit(launcher, 180), "ranks still running 180 s after rank 1 was killed"
+            assert launcher.poll() is None, "the run ended early:\n" + log_path.read_text()[-5000:]
+            yield launcher
         finally:
             if group_alive(launcher.pid):
-                os.killpg(launcher.pid, signal.SIGKILL)
-    _, run = only_run(out)
-    assert run.info.status == "FAILED", log_path.read_text()[-5000:]
-    note = open(os.path.join(out, "failures", "rank0.txt")).read().splitlines()[-1]
-    assert note.startswith("a peer rank was lost"), note
+                os.killpg(launcher.pid, signal.SIGKILL)  # no rank may outlive the test
 
 
 def group_alive(pgid: int) -> bool:
