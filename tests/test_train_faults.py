@@ -4,6 +4,7 @@ patched in (DeepSpeed keeps its process groups in module globals: one run per pr
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -230,3 +231,29 @@ def test_a_time_limit_warning_during_start_up_is_not_requeued(train_shards, tiny
     assert read_meta(os.path.join(out, "checkpoints", "step_00000001"))["step"] == 1
     _, run = the_run(out)
     assert run.info.status == "KILLED"
+
+
+def test_skipped_training_samples_reach_mlflow(train_shards, tiny_llm, tmp_path):
+    """Broken samples in the training shards are skipped and counted in MLflow (data/bad_samples), a chart that
+    exists only once something was skipped."""
+    import shutil
+    import tarfile
+
+    shards = str(tmp_path / "shards")
+    shutil.copytree(train_shards, shards)
+    folder = os.path.join(shards, "demo_cls_en", "train")
+    for name in (n for n in os.listdir(folder) if n.endswith(".tar")):
+        path = os.path.join(folder, name)
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        first_json = next(m.name for m, _ in members if m.name.endswith(".json"))
+        with tarfile.open(path, "w") as tar:  # each shard's first sample is broken: whichever shard is read, one is
+            for member, data in members:
+                data = b"{broken" if member.name == first_json else data
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    out = str(tmp_path / "out")
+    assert run_main(args(shards, tiny_llm, out, "--data.train={demo_cls_en = 1.0}"))[0] == 0
+    client, run = the_run(out)
+    history = client.get_metric_history(run.info.run_id, "data/bad_samples")
+    assert history and history[-1].value >= 1
