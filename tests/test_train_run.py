@@ -107,7 +107,7 @@ def test_mlflow_run_contents(two_rank_run):
     final = json.load(open(os.path.join(out, "final_metrics.json")))
     for dataset in DATASETS:  # the reported numbers: the best model's, on both splits
         for split in ("valid", "test"):
-            key = f"final/{split}/{dataset}/constrained/acc"
+            key = f"final/{split}/{dataset}/constrained/unparseable"
             assert metrics[key] == final["reported"][key], key
             assert final["reported"][f"final/{split}/{dataset}/constrained/samples"] > 0  # counts: not charted
             assert f"{split}/{dataset} " in tags["eval_samples"]

@@ -40,7 +40,14 @@ from egmf.config import describe_tree
 from egmf.errors import ConfigError
 from egmf.train.config import Config, load_config
 from egmf.train.plan import device_memory_gb, format_plan, make_plan, refuse_degenerate_schedule
-from egmf.train.run_markers import clear_failures, failed_ranks, failure_notes, write_failure
+from egmf.train.run_markers import (
+    all_peers_stopped,
+    clear_failures,
+    failed_ranks,
+    failure_notes,
+    write_failure,
+    write_stop,
+)
 from egmf.train.stop_signal import StopSignal
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -197,6 +204,8 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
         if world.is_logging_rank:
             print_browse_hint(trainer, outcome)
         barrier()  # leave together: a job script may cut short ranks that outlive the first one to exit
+        if outcome == "terminated":
+            write_stop(cfg.train.output_dir, world)
         if outcome == "terminated" and warned_during_startup:
             logger.error(
                 "the time-limit warning (SIGUSR1) came before the first step: start-up takes longer than the warning's "
@@ -206,8 +215,8 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
             return 1
         return stop.exit_code if outcome == "terminated" else 0
     except BaseException as exc:
-        lost_peer = peer_lost(exc)
-        # A clean stop raises nothing: an error after a SIGTERM means the stop itself broke, and the run failed.
+        # A peer that went away by the stop (its marker) is part of the stop; one killed outright is a failure.
+        lost_peer = peer_lost(exc) and not all_peers_stopped(cfg.train.output_dir, world)
         stopped = (stop.received or isinstance(exc, KeyboardInterrupt)) and not lost_peer
         if not stopped:
             note = f"a peer rank was lost: this rank's collective broke ({str(exc)[:200]})" if lost_peer else ""
@@ -217,7 +226,8 @@ def run(cfg: Config, ds_config: dict, world, device, stop: StopSignal) -> int:
         if trainer is not None and hasattr(trainer, "tracker"):
             trainer.end(status)
         if stopped:
-            logger.warning("stopped (%s); the MLflow run ends %s", type(exc).__name__, status)
+            write_stop(cfg.train.output_dir, world)
+            logger.warning("stopped (%s: %s); the MLflow run ends %s", type(exc).__name__, str(exc)[:200], status)
             return stop.exit_code
         raise
     finally:
