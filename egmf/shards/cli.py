@@ -146,11 +146,26 @@ def run_build(args: argparse.Namespace) -> list[SplitManifest]:
             raise DataError("--split: name the split the .jsonl file holds (train, valid, test, ...)")
         spec = jsonl_spec(args)
         check_other_splits(args.out, spec, args.split)
-        records, labeled = read_jsonl(args.input)
         seed = args.shuffle_seed if args.split == "train" else None
-        return [write_split(records, spec, args.split, args.out, limits, source, seed, label_map, labeled)]
+        return [build_jsonl_split(args.input, spec, args.split, args.out, limits, seed, label_map)]
     splits = read_mmsa(args.input) if args.format == "mmsa" else read_mse_adapter(args.input, args.dataset)
     return write_splits(splits, get_spec(args.dataset), args.out, limits, source, args.shuffle_seed, label_map)
+
+
+def build_jsonl_split(
+    path: str,
+    spec: DatasetSpec,
+    split: str,
+    out: str,
+    limits: ShardLimits,
+    shuffle_seed: int | None = None,
+    label_map: dict[str, str] | None = None,
+) -> SplitManifest:
+    """One split from a file in the JSONL format, labeled or not as its samples are (egmf-shards and
+    egmf-predict --data FILE.jsonl)."""
+    records, labeled = read_jsonl(path)
+    source = {"format": "jsonl", "input": os.path.abspath(path)}
+    return write_split(records, spec, split, out, limits, source, shuffle_seed, label_map, labeled)
 
 
 def jsonl_spec(args: argparse.Namespace) -> DatasetSpec:

@@ -106,17 +106,15 @@ def chosen_datasets(args: argparse.Namespace, root: str, known: dict[str, tuple[
 def jsonl_split(args: argparse.Namespace, known: dict[str, tuple[int, int]], root: str) -> None:
     """Build --data FILE.jsonl as ROOT/DATASET/SPLIT (the dataset: --datasets, one the model knows)."""
     from egmf.datasets import get_spec
-    from egmf.shards.sources import read_jsonl
-    from egmf.shards.writer import ShardLimits, write_split
+    from egmf.shards.cli import build_jsonl_split
+    from egmf.shards.writer import ShardLimits
 
     if not args.datasets or "," in args.datasets or args.datasets not in known:
         raise DataError(
             f"--data {args.data}: name the file's dataset with --datasets NAME, one the model knows "
             f"({', '.join(known)})"
         )
-    records, labeled = read_jsonl(args.data)
-    source = {"format": "jsonl", "input": os.path.abspath(args.data)}
-    write_split(records, get_spec(args.datasets), args.split, root, ShardLimits(256), source, labeled=labeled)
+    build_jsonl_split(args.data, get_spec(args.datasets), args.split, root, ShardLimits(256))
 
 
 def prediction_overrides(args: argparse.Namespace, root: str, datasets: list[str]) -> list[str]:
