@@ -111,6 +111,22 @@ def per_sample_losses(model: EGMFModel, batch, packed: bool) -> tuple[torch.Tens
     return losses, rows
 
 
+def test_sample_losses_are_each_samples_share_of_the_task_loss(tiny_llm, demo_root):
+    """Evaluation's per-sample loss: each sample's mean answer-token loss; weighted by answer tokens, the batch's
+    task loss."""
+    model = build_model(tiny_llm).eval()
+    batch = first_batch(demo_root, "demo_reg_zh", batch_size=5)
+    losses = torch.tensor(model.sample_losses(batch))
+    summed, _ = per_sample_losses(model, batch, packed=False)
+    prompt, _, _ = model.prompt_embeddings(batch, with_answers=True)
+    answer_tokens = (prompt.labels != IGNORE).sum(1).float()
+    torch.testing.assert_close(losses, summed / answer_tokens)
+    with torch.no_grad():
+        task_loss = model(batch, packed=False).task_loss
+    torch.testing.assert_close((losses * answer_tokens).sum() / answer_tokens.sum(), task_loss)
+    assert len(set(losses.tolist())) == 5  # one per sample, not the batch's mean repeated
+
+
 @pytest.mark.parametrize("dataset", ["demo_cls_en", "demo_reg_zh"])
 def test_packed_rows_give_each_sample_its_unpacked_loss(tiny_llm, demo_root, dataset):
     """Packing several samples per row (positions restarting, no 2-D mask) must not let samples see each other."""

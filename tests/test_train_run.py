@@ -100,8 +100,12 @@ def test_mlflow_run_contents(two_rank_run):
             for mode in ("constrained", "generate"):
                 assert f"eval/{split}/{dataset}/{mode}/unparseable" in metrics
             assert metrics[f"eval/{split}/{dataset}/constrained/unparseable"] == 0
+            loss = metrics[f"eval/{split}/{dataset}/constrained/loss"]  # teacher-forced, as in training
+            assert 0 < loss == metrics[f"eval/{split}/{dataset}/generate/loss"]
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "eval/valid/demo_cls_en/constrained/acc")}
     assert steps == {8, STEPS}  # periodic and final
+    loss_steps = client.get_metric_history(run.info.run_id, "eval/valid/demo_reg_zh/constrained/loss")
+    assert {m.step for m in loss_steps} == steps
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "eval/test/demo_cls_en/constrained/acc")}
     assert steps == {STEPS}  # the periodic evaluation does not score the test split
     final = json.load(open(os.path.join(out, "final_metrics.json")))

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from egmf.config import build as build_section
 from egmf.data.collate import Batch
@@ -26,7 +27,7 @@ from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfi
 from egmf.model.decoding import greedy, score_candidates, weighted_median
 from egmf.model.fusion import FusionModule
 from egmf.model.llm import load_llm
-from egmf.model.prompt import PromptBatch, PromptBuilder
+from egmf.model.prompt import IGNORE, PromptBatch, PromptBuilder
 
 ADAPTER_DIR = "adapter"
 FUSION_WEIGHTS = "fusion.safetensors"
@@ -186,6 +187,20 @@ class EGMFModel(nn.Module):
         aux = fused.aux_losses
         loss = out.loss + cfg.balance_coef * aux["balance"] + cfg.z_loss_coef * aux["z"]
         return EGMFOutput(loss, out.loss, aux, fused.expert_weights, fused.inner_gates, num_tokens)
+
+    @torch.no_grad()
+    def sample_losses(self, batch: Batch) -> list[float]:
+        """Each sample's teacher-forced loss: the mean cross-entropy over its answer tokens, the task loss that
+        training minimises (evaluation reports it as `loss`)."""
+        prompt, embeds, _ = self.prompt_embeddings(batch, with_answers=True)
+        mask, positions = prompt.attention_mask, prompt.position_ids
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        targets = prompt.labels[:, 1:]  # position t predicts token t + 1
+        token_losses = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        )
+        counts = (targets != IGNORE).sum(1).clamp(min=1)
+        return (token_losses.sum(1) / counts).cpu().tolist()
 
     def record_gate_usage(self, dataset: str, batch_mean: torch.Tensor | None) -> None:
         """After a training batch: its mean level-2 gate, averaged over ranks by the caller, for the balance loss

@@ -43,10 +43,13 @@ class PredictionRow:
     """The raw answer text."""
     gate: dict[str, float] | None = None
     """The sample's level-2 gate: expert -> weight (None in the text-only ablation)."""
+    loss: float | None = None
+    """The sample's teacher-forced answer loss, training's task loss (the same in every mode; None unlabeled)."""
 
 
 def evaluate(model, cfg: Config, split: str, world: WorldInfo, modes: list[str] | None = None):
-    """(results, rows): results[dataset][mode] holds the metrics plus 'unparseable' and 'samples'; rank 0 only."""
+    """(results, rows): results[dataset][mode] holds the metrics plus 'loss' (the mean teacher-forced answer loss,
+    the same in every mode), 'unparseable' and 'samples'; rank 0 only."""
     data_cfg = replace(cfg.data, batch_size=cfg.eval.batch_size or cfg.data.batch_size)
     was_training = model.training
     model.eval()
@@ -57,13 +60,15 @@ def evaluate(model, cfg: Config, split: str, world: WorldInfo, modes: list[str] 
             valid = batch.valid.tolist()
             if not any(valid):
                 continue
+            labeled = batch.labels[0] is not None
+            losses = model.sample_losses(batch) if labeled else [None] * len(valid)
             for mode in modes or cfg.eval.modes:
                 preds = model.predict(batch, mode, cfg.eval.max_new_tokens)
                 for i, ok in enumerate(valid):
                     if ok:
                         gate = dict(zip(experts, preds.expert_weights[i], strict=True)) if experts else None
                         row = (batch.ids[i], dataset, split, mode, batch.labels[i], preds.labels[i], preds.answers[i])
-                        rows.append(PredictionRow(*row, gate))
+                        rows.append(PredictionRow(*row, gate, losses[i]))
     model.train(was_training)
     rows = gather_rows(rows, world)
     if not world.is_logging_rank:
@@ -89,6 +94,9 @@ def score_rows(rows: list[PredictionRow]) -> dict[str, dict[str, dict[str, float
         metrics = {}
         if group[0].target is not None:  # an unlabeled split (no targets) gets its counts only
             metrics = score(dataset, [scored_prediction(dataset, r) for r in group], [r.target for r in group])
+            losses = [r.loss for r in group if r.loss is not None]
+            if losses:
+                metrics["loss"] = sum(losses) / len(losses)
         metrics.update(unparseable=unparseable, samples=len(group))
         results.setdefault(dataset, {})[mode] = metrics
     return results
