@@ -75,7 +75,7 @@ case $rc in
     138)
         if [ "${SLURM_RESTART_COUNT:-0}" -ge "${EGMF_MAX_REQUEUES:-50}" ]; then
             # A job that keeps being stopped still makes progress each time, but a bound keeps a mistake cheap.
-            echo "egmf: requeued ${SLURM_RESTART_COUNT} times already (EGMF_MAX_REQUEUES=${EGMF_MAX_REQUEUES:-50});" \
+            echo "egmf: requeued ${SLURM_RESTART_COUNT:-0} times already (EGMF_MAX_REQUEUES=${EGMF_MAX_REQUEUES:-50});" \
                 "not requeueing again: resubmit it to continue from its checkpoint"
             python launch/train.py "$@" "${train_args[@]}" --close-run=KILLED || true
         else

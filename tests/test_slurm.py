@@ -158,6 +158,32 @@ def test_time_limit_signal_requeues_and_resumes(slurm, train_shards, tiny_llm, t
     assert sorted(losses(out, client)) == list(range(1, steps + 1))  # each step logged once: none lost, none twice
 
 
+def test_a_job_past_its_requeue_bound_ends_with_its_checkpoint_instead_of_requeueing(
+    slurm, train_shards, tiny_llm, tmp_path
+):
+    """EGMF_MAX_REQUEUES bounds the requeues: past it, a stop by USR1 keeps its checkpoint, ends the MLflow run
+    KILLED and tells how to continue, and the job is not requeued."""
+    out, log = str(tmp_path / "out"), str(tmp_path / "job.out")
+    args = run_args(train_shards, tiny_llm, out, "--train.steps=40", "--eval.every=0", *SMALL_EVAL)
+    job = submit(slurm, log, args + ["--checkpoint.every=0", "--mlflow.system_metrics=false"], EGMF_MAX_REQUEUES="0")
+    try:
+        job_id = wait_for_log(job, log, r"egmf: job (\d+)").group(1)
+        wait_for_log(job, log, r"step 4/40")
+        subprocess.run(["scancel", "--signal=USR1", job_id], env=job_env(slurm), check=True, timeout=30)
+        job.wait(timeout=600)
+    finally:
+        end_job(job, slurm, log)
+    text = open(log).read()
+    assert job.returncode != 0, text[-6000:]  # sbatch --wait reports the job's failure: it did not finish
+    stopped_at = int(re.search(r"stop signal: checkpoint saved at step (\d+)", text).group(1))
+    assert "requeued 0 times already (EGMF_MAX_REQUEUES=0); not requeueing again" in text
+    assert "requeueing job" not in text and "(restart 1)" not in text
+    assert "Restarts=0" in scontrol_job(slurm, job_id)
+    assert os.path.exists(os.path.join(out, "checkpoints", f"step_{stopped_at:08d}", "meta.json"))
+    _, run = only_run(out)
+    assert run.info.status == "KILLED"
+
+
 @pytest.mark.parametrize(
     "fault",
     [
