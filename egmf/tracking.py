@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from egmf.atomic import write_json
 from egmf.distributed import WorldInfo
+from egmf.mlflow_local import artifact_root, relocate_artifacts, store_uri
 from egmf.tracking_outbox import RECORDS, TARGET, UNSENT_DIR, Outbox, RecordRejected, send_records
 
 logger = logging.getLogger("egmf.train")
@@ -98,7 +99,7 @@ def tracking_uri(cfg: MLflowConfig, output_dir: str) -> str:
         return cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'mlflow.db'))}"
+    return store_uri(output_dir)
 
 
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -117,6 +118,8 @@ class MLflowTracker(NullTracker):
         if self.uri.startswith(("http://", "https://")):
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
+        if self.uri == store_uri(output_dir):
+            relocate_artifacts(output_dir)  # the folder may have moved since the store was made (a resumed run)
         self.client = MlflowClient(self.uri)
         self.run_id = self._continue_run(run_id) if run_id else None
         if self.run_id is None:
@@ -145,7 +148,7 @@ class MLflowTracker(NullTracker):
         # A local store keeps artifacts beside it; a server uses its own artifact root.
         location = None
         if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
-            location = "file://" + os.path.abspath(os.path.join(output_dir, "mlartifacts"))
+            location = artifact_root(output_dir)
         return self.client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
 
     def _continue_run(self, run_id: str) -> str | None:

@@ -83,7 +83,7 @@ def test_mlflow_run_contents(two_rank_run):
     out, done = two_rank_run
     client, run = only_run(out)
     assert run.info.status == "FINISHED"
-    assert f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db" in done.stdout
+    assert f"browse the run: egmf-mlflow-ui {out}" in done.stdout
     params, tags = run.data.params, run.data.tags
     assert params["data.batch_size"] == "8" and params["train.steps"] == str(STEPS)
     assert params["optim.lora_lr"] and params["fusion.width"]

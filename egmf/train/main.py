@@ -38,6 +38,7 @@ import warnings
 
 from egmf.config import describe_tree
 from egmf.errors import ConfigError
+from egmf.mlflow_local import store_uri
 from egmf.train.config import Config, load_config
 from egmf.train.plan import device_memory_gb, format_plan, make_plan, refuse_degenerate_schedule
 from egmf.train.run_markers import (
@@ -285,5 +286,7 @@ def print_browse_hint(trainer, outcome: str) -> None:
         return
     if uri.startswith(("http://", "https://")):
         print(f"\nbrowse the run: {uri}/#/experiments/{trainer.tracker.experiment_id}/runs/{trainer.tracker.run_id}")
+    elif uri == store_uri(out):  # the folder's own store: egmf-mlflow-ui also finds it after the folder moved
+        print(f"\nbrowse the run: egmf-mlflow-ui {out}  (then open http://127.0.0.1:5000)")
     else:
         print(f"\nbrowse the run: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
