@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,6 +163,32 @@ def test_world_info_from_each_launcher():
     assert world_info_from_env(slurm) == WorldInfo(5, 1, 8)
     # inside an sbatch script but outside srun (no step): one process, not rank 5 of 8
     assert world_info_from_env({k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}) == WorldInfo(0, 0, 1)
+
+
+CPU_OP_CHECK = """
+import logging, sys
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+from egmf.distributed import announce_cpu_comm_build
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+announce_cpu_comm_build()
+ShareMemCommBuilder().load(verbose=False)  # what deepspeed.init_distributed builds on a CPU
+print("-- built --", flush=True)
+announce_cpu_comm_build()
+"""
+
+
+@pytest.mark.slow
+def test_the_cpu_communication_op_build_is_announced_and_happens_once_per_extensions_folder(tmp_path):
+    """DeepSpeed compiles its CPU op silently for a minute or more: the first job in a TORCH_EXTENSIONS_DIR says so,
+    and later jobs there (slurm/env.sh keeps one per environment, so requeues too) find it built."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", CPU_OP_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = done.stdout.split("-- built --")
+    assert "building DeepSpeed's CPU communication op (deepspeed_shm_comm)" in before and str(tmp_path) in before
+    assert "building" not in after
+    again = subprocess.run([sys.executable, "-c", CPU_OP_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "building" not in again.stdout
 
 
 def row(dataset, mode, target, prediction, i=0):

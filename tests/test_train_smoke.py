@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import torch.distributed as dist
-from run_helpers import SMALL_EVAL, only_run
+from run_helpers import REPO, SMALL_EVAL, only_run
 
 from egmf.train.main import main
 
@@ -81,3 +82,49 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     assert {t.value for t in inputs["demo_cls_en/train"].tags} == {"training"}
     assert 0 < metrics["train/epoch"] < 1 and not any(key.endswith("/samples") for key in metrics)
     assert run.data.tags["eval_samples"] == "test/demo_cls_en 24"
+
+
+def terminal_output(command: list[str], timeout_s: float = 600) -> tuple[int, str]:
+    """Run `command` with stdout and stderr on a pseudo-terminal, as in a user's shell (the progress bar only
+    draws on a terminal); (exit code, everything it wrote)."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))  # 50 rows, 160 columns
+    process = subprocess.Popen(command, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL, cwd=REPO)
+    os.close(follower)
+    chunks, deadline = [], time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process and its children are gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_log_lines_and_warnings_stay_off_the_progress_bar(train_shards, tiny_llm, tmp_path):
+    """On a terminal, every log line (warnings included) is written on a line of its own above the progress bar,
+    never appended to the bar's current line."""
+    out = str(tmp_path / "out")
+    args = [f"--data.root={train_shards}", f"--llm.path={tiny_llm}", f"--train.output_dir={out}"]
+    args += ["--train.steps=6", "--train.log_every=2", "--data.batch_size=4", "--eval.every=0", "--checkpoint.every=2"]
+    args += ["--optim.warmup_steps=1", "--mlflow.system_metrics=false", *SMALL_EVAL]
+    code, text = terminal_output([sys.executable, "launch/train.py", *args])
+    assert code == 0, text[-4000:]
+    pieces = re.split(r"[\r\n]+", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text))  # what each redraw leaves on screen
+    bar = re.compile(r"\d+/6 \[")
+    assert any(bar.search(p) for p in pieces), "no progress bar was drawn"
+    log_line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ (INFO|WARNING)")
+    saves = [p for p in pieces if re.search(r"INFO checkpoint .*step_0000000[246]", p)]
+    assert len(saves) == 3, pieces  # logged at steps 2, 4 and 6, while the bar was on the screen
+    mixed = [p for p in pieces if bar.search(p) and log_line.search(p)]
+    assert not mixed, mixed[:3]
