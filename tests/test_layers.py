@@ -1,7 +1,7 @@
 """The package's layers: no module imports one above its layer, and no two packages import each other.
 
 Layers, bottom up (a module may import its own layer and those below):
-errors, atomic, distributed, tracking_outbox -> datasets, config -> labels, metrics, shards -> data, tracking ->
+errors, atomic, distributed, tracking_outbox, mlflow_local -> datasets, config -> labels, metrics, shards -> data, tracking ->
 model -> demo_assets -> train. The entry points live at the top, in train.
 """
 
@@ -14,7 +14,7 @@ import egmf
 
 PACKAGE = os.path.dirname(egmf.__file__)
 LAYERS = [
-    {"errors", "atomic", "distributed", "tracking_outbox"},
+    {"errors", "atomic", "distributed", "tracking_outbox", "mlflow_local"},
     {"datasets", "config"},
     {"labels", "metrics", "shards"},
     {"data", "tracking"},
