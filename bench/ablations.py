@@ -45,6 +45,7 @@ VARIANTS = {
     "no_semantic": ["--fusion.experts=['local', 'global']"],
     "no_global": ["--fusion.experts=['local', 'semantic']"],
     "uniform_gate": ["--fusion.gating=uniform"],
+    "modality_global": ["--fusion.global_scope=modality"],
     "no_level1_gate": ["--fusion.inner_gating=false"],
     "no_gate_regularisation": GATE_OFF,
     "two_pseudo_tokens": ["--fusion.num_pseudo_tokens=2"],

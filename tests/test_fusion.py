@@ -154,15 +154,33 @@ def test_semantic_expert_links_modalities():
     assert changed[0] == list(range(6)) and changed[1] == list(range(10))  # text and audio attend to vision
 
 
-def test_global_expert_reaches_across_the_whole_sequence():
+@pytest.mark.parametrize("scope", ["modality", "joint"])
+def test_global_expert_reaches_across_a_whole_modality_or_the_whole_sample(scope):
     torch.manual_seed(0)
-    expert = GlobalExpert(32, heads=4, layers=1, dropout=0.0, backend="sdpa").eval()
+    expert = GlobalExpert(32, heads=4, layers=1, dropout=0.0, backend="sdpa", scope=scope).eval()
     xs, masks, context = expert_inputs()
     before, _ = expert(xs, masks, context)
     xs[2] = xs[2].clone()
     xs[2][0, -1] += torch.randn(32)  # the last vision frame
     after, _ = expert(xs, masks, context)
-    assert changed_positions(before, after)[0] == list(range(6))  # every text position
+    changed = changed_positions(before, after)
+    assert changed[2] == list(range(4))  # every vision frame, however far
+    if scope == "modality":  # the other modalities are the semantic expert's to relate
+        assert changed[0] == [] and changed[1] == []
+    else:
+        assert changed[0] == list(range(6)) and changed[1] == list(range(10))
+
+
+def test_global_expert_handles_a_modality_without_frames():
+    """Within each modality, the context token gives an empty modality's attention a key: no NaN, and the empty
+    frames stay zero."""
+    expert = GlobalExpert(32, heads=4, layers=1, dropout=0.0, backend="sdpa", scope="modality").eval()
+    xs, masks, context = expert_inputs()
+    masks[2] = torch.zeros_like(masks[2])
+    xs[2] = torch.zeros_like(xs[2])
+    out, gates = expert(xs, masks, context)
+    assert all(torch.isfinite(o).all() for o in out) and torch.isfinite(gates).all()
+    assert out[2].abs().max() == 0
 
 
 def test_masked_sdpa_matches_a_plain_reference():
@@ -185,8 +203,10 @@ def test_bad_inputs_and_config_fail_clearly():
         model(**bad)
     with pytest.raises(ValueError, match="no front end for dataset 'mosei'"):
         model(**{**inputs(), "dataset": "mosei"})
-    problems = FusionConfig(width=30, heads=4, experts=["local", "nope"], gating="max", local_kernel=4).problems()
-    assert len(problems) == 4
+    problems = FusionConfig(
+        width=30, heads=4, experts=["local", "nope"], gating="max", local_kernel=4, global_scope="all"
+    ).problems()
+    assert len(problems) == 5 and any("fusion.global_scope 'all' is not one of modality, joint" in p for p in problems)
     with pytest.raises(ValueError, match="invalid fusion config"):
         FusionModule(FusionConfig(heads=3), DIMS, LLM_HIDDEN, 0.05)
 

@@ -1,8 +1,8 @@
 """The package's layers: no module imports one above its layer, and no two packages import each other.
 
 Layers, bottom up (a module may import its own layer and those below):
-errors, atomic, distributed, tracking_outbox, mlflow_local -> datasets, config -> labels, metrics, shards -> data, tracking ->
-model -> demo_assets -> train. The entry points live at the top, in train.
+errors, atomic, distributed, tracking_outbox, mlflow_local -> datasets, config -> labels, metrics, shards ->
+data, tracking -> model -> demo_assets -> train. The entry points live at the top, in train.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from egmf.model.attention import BACKENDS
 
 EXPERTS = ("local", "semantic", "global")
 GATINGS = ("dynamic", "uniform")
+GLOBAL_SCOPES = ("modality", "joint")
 DECODING_MODES = ("generate", "constrained")
 
 
@@ -30,6 +31,10 @@ class FusionConfig:
     """Frames covered by the local expert's depthwise temporal convolution (odd)."""
     global_layers: int = 2
     """Transformer blocks in the global context expert."""
+    global_scope: str = "joint"
+    """What the global expert's self-attention spans. 'joint': the concatenated text+audio+vision sequence, which
+    relates the modalities too (overlapping the semantic expert); 'modality': each modality's own sequence plus an
+    utterance-context token, which leaves the cross-modal relations to the semantic expert (docs/model.md)."""
     num_pseudo_tokens: int = 8
     """K: pseudo tokens handed to the LLM."""
     time_frequencies: int = 8
@@ -78,6 +83,8 @@ class FusionConfig:
         unknown = [e for e in self.experts if e not in EXPERTS]
         if unknown or not self.experts or len(set(self.experts)) != len(self.experts):
             found.append(f"fusion.experts must be distinct names from {', '.join(EXPERTS)}, got {self.experts}")
+        if self.global_scope not in GLOBAL_SCOPES:
+            found.append(f"fusion.global_scope {self.global_scope!r} is not one of {', '.join(GLOBAL_SCOPES)}")
         if self.gating not in GATINGS:
             found.append(f"fusion.gating {self.gating!r} is not one of {', '.join(GATINGS)}")
         if self.attention not in BACKENDS:

@@ -116,21 +116,47 @@ class TransformerBlock(nn.Module):
 
 
 class GlobalExpert(nn.Module):
-    """Long-range context: transformer blocks over the whole multimodal sequence."""
+    """Long-range context: transformer blocks over whole sequences.
+
+    scope 'joint': one sequence of all three modalities; it relates them too, overlapping the semantic expert.
+    scope 'modality': the blocks run over each modality's sequence with the context vector as one extra token in
+    front (it also gives an empty modality a key to attend to), so every frame can relate to any other frame of
+    its modality, however far, but not to the other modalities: those relations are the semantic expert's.
+    """
 
     def __init__(
-        self, width, heads, layers, dropout, backend: str, schedule: GateSchedule | None = None, gated: bool = True
+        self,
+        width,
+        heads,
+        layers,
+        dropout,
+        backend: str,
+        schedule: GateSchedule | None = None,
+        gated: bool = True,
+        scope: str = "joint",
     ):
         super().__init__()
         schedule = schedule or GateSchedule()
+        self.scope = scope
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, backend) for _ in range(layers))
         self.gate = ContextGate(width, schedule, gated)
 
-    def forward(self, xs, masks, context):
-        x, mask = torch.cat(xs, 1), torch.cat(masks, 1)
-        h = x
+    def run_blocks(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             h = block(h, mask)
+        return h
+
+    def within_modality(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The blocks over [context token; x] of one modality, returned without the token."""
+        h = torch.cat([context[:, None, :].to(x.dtype), x], 1)
+        return self.run_blocks(h, torch.cat([torch.ones_like(mask[:, :1]), mask], 1))[:, 1:]
+
+    def forward(self, xs, masks, context):
+        x, mask = torch.cat(xs, 1), torch.cat(masks, 1)
+        if self.scope == "joint":
+            h = self.run_blocks(x, mask)
+        else:
+            h = torch.cat([self.within_modality(x_m, m, context) for x_m, m in zip(xs, masks, strict=True)], 1)
         out, gate = self.gate(x, h - x, context, mask)
         lengths = [m.shape[1] for m in masks]
         gate_means = [gate_summary(g, m) for g, m in zip(gate.split(lengths, 1), masks, strict=True)]

@@ -145,7 +145,7 @@ class FusionModule(nn.Module):
             "local": lambda: LocalExpert(d, cfg.local_kernel, cfg.dropout, self.schedule, gated),
             "semantic": lambda: SemanticExpert(d, cfg.heads, cfg.dropout, cfg.attention, self.schedule, gated),
             "global": lambda: GlobalExpert(
-                d, cfg.heads, cfg.global_layers, cfg.dropout, cfg.attention, self.schedule, gated
+                d, cfg.heads, cfg.global_layers, cfg.dropout, cfg.attention, self.schedule, gated, cfg.global_scope
             ),
         }
         self.experts = nn.ModuleDict({name: builders[name]() for name in cfg.experts})
