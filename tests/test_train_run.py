@@ -141,7 +141,8 @@ def test_predictions_cover_each_sample_once(two_rank_run, train_shards):
         for mode in ("constrained", "generate"):
             ids = [r["id"] for r in rows if r["dataset"] == dataset and r["mode"] == mode]
             assert len(ids) == len(set(ids)) == expected
-    assert set(rows[0]) == {"id", "dataset", "split", "mode", "target", "prediction", "answer", "gate"}
+    assert set(rows[0]) == {"id", "dataset", "split", "mode", "target", "prediction", "answer", "gate", "loss"}
+    assert all(r["loss"] > 0 for r in rows)  # each sample's teacher-forced answer loss
     assert all(set(r["gate"]) == {"local", "semantic", "global"} for r in rows)
     assert all(abs(sum(r["gate"].values()) - 1) < 1e-5 for r in rows)
 
