@@ -22,9 +22,9 @@ from egmf.datasets import SPECS, DatasetSpec, check_same_dataset, get_spec, is_k
 from egmf.errors import DataError
 from egmf.shards.demo import build_demo
 from egmf.shards.manifest import MissingManifest, SplitManifest, find_manifests, load_manifest
-from egmf.shards.sources import read_jsonl, read_mmsa, read_mse_adapter
+from egmf.shards.sources import read_mmsa, read_mse_adapter
 from egmf.shards.texts import count_truncated, read_texts
-from egmf.shards.writer import ShardLimits, write_split, write_splits
+from egmf.shards.writer import ShardLimits, build_jsonl_split, write_splits
 
 FORMATS = {"mmsa": ("mosei", "sims2"), "mse-adapter": ("meld", "cherma"), "jsonl": ()}
 """Input format -> the datasets its releases hold; jsonl holds any dataset with a spec (docs/data.md)."""
@@ -150,22 +150,6 @@ def run_build(args: argparse.Namespace) -> list[SplitManifest]:
         return [build_jsonl_split(args.input, spec, args.split, args.out, limits, seed, label_map)]
     splits = read_mmsa(args.input) if args.format == "mmsa" else read_mse_adapter(args.input, args.dataset)
     return write_splits(splits, get_spec(args.dataset), args.out, limits, source, args.shuffle_seed, label_map)
-
-
-def build_jsonl_split(
-    path: str,
-    spec: DatasetSpec,
-    split: str,
-    out: str,
-    limits: ShardLimits,
-    shuffle_seed: int | None = None,
-    label_map: dict[str, str] | None = None,
-) -> SplitManifest:
-    """One split from a file in the JSONL format, labeled or not as its samples are (egmf-shards and
-    egmf-predict --data FILE.jsonl)."""
-    records, labeled = read_jsonl(path)
-    source = {"format": "jsonl", "input": os.path.abspath(path)}
-    return write_split(records, spec, split, out, limits, source, shuffle_seed, label_map, labeled)
 
 
 def jsonl_spec(args: argparse.Namespace) -> DatasetSpec:

@@ -26,6 +26,7 @@ from egmf.errors import DataError
 from egmf.shards.clean import BuildReport, clean_record
 from egmf.shards.format import MODALITIES, Sample, encode_sample, sample_key
 from egmf.shards.manifest import ShardInfo, SplitManifest
+from egmf.shards.sources import read_jsonl
 from egmf.shards.stats import FeatureStats
 from egmf.shards.texts import text_stats, write_texts
 
@@ -262,3 +263,19 @@ def write_splits(
     for manifest in built:
         publish(partial_folder(manifest.location), manifest.location)
     return built
+
+
+def build_jsonl_split(
+    path: str,
+    spec: DatasetSpec,
+    split: str,
+    out: str,
+    limits: ShardLimits,
+    shuffle_seed: int | None = None,
+    label_map: dict[str, str] | None = None,
+) -> SplitManifest:
+    """One split from a file in the JSONL format, labeled or not as its samples are (egmf-shards and
+    egmf-predict --data FILE.jsonl)."""
+    records, labeled = read_jsonl(path)
+    source = {"format": "jsonl", "input": os.path.abspath(path)}
+    return write_split(records, spec, split, out, limits, source, shuffle_seed, label_map, labeled)

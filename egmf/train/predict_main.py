@@ -106,8 +106,7 @@ def chosen_datasets(args: argparse.Namespace, root: str, known: dict[str, tuple[
 def jsonl_split(args: argparse.Namespace, known: dict[str, tuple[int, int]], root: str) -> None:
     """Build --data FILE.jsonl as ROOT/DATASET/SPLIT (the dataset: --datasets, one the model knows)."""
     from egmf.datasets import get_spec
-    from egmf.shards.cli import build_jsonl_split
-    from egmf.shards.writer import ShardLimits
+    from egmf.shards.writer import ShardLimits, build_jsonl_split
 
     if not args.datasets or "," in args.datasets or args.datasets not in known:
         raise DataError(
