@@ -49,8 +49,8 @@ def relocate_artifacts(output_dir: str) -> int:
         return 0
     here = artifact_root(output_dir)
     with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
-        moved = {old for _, old in rows if is_moved_root(old, here)}
+        locations = db.execute("SELECT artifact_location FROM experiments").fetchall()
+        moved = {old for (old,) in locations if is_moved_root(old, here)}
         changed = 0
         for old in moved:
             changed += db.execute(
