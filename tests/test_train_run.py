@@ -224,11 +224,13 @@ def test_a_rank_killed_outright_ends_the_run_failed_and_its_peer_says_it_was_a_w
     out = str(tmp_path / "out")
     log_path = tmp_path / "launcher.log"
     with long_two_rank_run(train_shards, tiny_llm, out, log_path) as launcher:
-        ranks = [
-            p
-            for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "launch/train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"
-        ]
+        ranks = []
+        for p in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if "launch/train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1":
+                    ranks.append(p)
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a short-lived helper that has just exited
+                continue
         rank1 = min(ranks, key=lambda p: p.create_time())  # the rank, not one of its loader workers
         rank1.send_signal(signal.SIGKILL)
         assert wait_for_group_exit(launcher, 180), "ranks still running 180 s after rank 1 was killed"
