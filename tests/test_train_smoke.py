@@ -9,6 +9,7 @@ import os
 import re
 import sys
 
+import torch
 import torch.distributed as dist
 from run_helpers import REPO, SMALL_EVAL, only_run
 
@@ -43,6 +44,11 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     assert re.search(r"step 2/2 \| loss .* \| elapsed 0:00:\d\d \| eta 0:00:00", log)
     assert f"best model: {out}/best (step " in summary and f"egmf-predict --model {out}/best" in summary
     assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step_00000002"
+    engine_state = torch.load(
+        os.path.join(out, "checkpoints", "step_00000002", "deepspeed", "mp_rank_00_model_states.pt"), weights_only=True
+    )  # two optimizer updates of 2 micro-batches x 4 samples, and the schedule stepped with them
+    assert (engine_state["global_steps"], engine_state["global_samples"]) == (2, 16)
+    assert engine_state["lr_scheduler"]["last_epoch"] == 2
     saved = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step_"))
     assert saved == ["step_00000001", "step_00000002"]  # step 1: by the clock (the recipe saves every 400 steps)
     final = json.load(open(os.path.join(out, "final_metrics.json")))

@@ -343,6 +343,8 @@ class Trainer:
         while done < self.cfg.optim.grad_accum:
             batch = next(batches)
             if self.forward_backward(batch, window):
+                # after every backward, as DeepSpeed counts micro-steps: it updates on the grad_accum-th call
+                self.engine.step()
                 done, in_a_row = done + 1, 0
                 continue
             in_a_row += 1
@@ -354,7 +356,6 @@ class Trainer:
                     "the run is diverging. Lower optim.fusion_lr/optim.lora_lr, raise optim.warmup_steps, "
                     "or resume from an earlier checkpoint (checkpoint.resume=PATH)"
                 )
-        self.engine.step()
         self.state.step += 1
         window.steps += 1
 
