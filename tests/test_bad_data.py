@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -155,9 +156,15 @@ def test_training_skips_a_few_bad_samples(tmp_path):
     edit_members(manifest.shard_url(0), lambda name, data: b"junk" if name == f"{broken}.json" else data)
     cfg = DataConfig(root=root, train={"demo_cls_en": 1.0}, batch_size=2, num_workers=1, samples_per_epoch=200)
     loader = TrainLoader(cfg)
-    ids = [i for batch in loader for i in batch.ids]
-    assert len(ids) == 200 and "demo_cls_en_train_00004" not in ids
-    assert loader.bad_samples >= 1  # each pass over shard 0 meets it once
+    batches = list(loader)
+    ids = [i for batch in batches for i in batch.ids]
+    assert len(batches) == 100 and all(batch.valid.all() for batch in batches)
+    assert len(ids) == 190 and broken not in ids  # ten passes over the 20 samples: it is dropped from its batch
+    assert loader.bad_samples == 10  # counted once per pass, by the one reader whose position it is
+
+    one = TrainLoader(replace(cfg, batch_size=1, num_workers=0))  # a micro-batch without a good sample
+    padding = [batch for batch in one if not batch.valid.any()]
+    assert len(padding) == 10 and one.bad_samples == 10  # comes as padding, which the trainer skips
 
 
 def test_missing_manifest_says_how_to_build(tmp_path):

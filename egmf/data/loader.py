@@ -3,10 +3,10 @@
 Both take the rank and world size as arguments and need no process group, so
 one code path serves `deepspeed`, `torchrun`, `srun` and a single CPU process.
 
-    loader = TrainLoader(cfg.data, rank, world_size)
-    loader.load_state_dict(saved)          # optional: continue a run
-    for batch in loader: ...               # len(loader) batches, the same on every rank
-    saved = loader.state_dict()            # after any batch: where the stream stands
+    loader = TrainLoader(cfg.data, rank, world_size, grad_accum)
+    loader.load_state_dict(saved)          # optional: continue a run, on this or another number of ranks
+    for batch in loader: ...               # len(loader) micro-batches, the same on every rank
+    saved = loader.state_dict()            # after an optimizer step's last micro-batch: where the stream stands
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset
 from egmf.data.collate import padding_batch
 from egmf.data.config import DataConfig
 from egmf.data.eval_stream import EvalStream, eval_steps
-from egmf.data.train_stream import StreamSettings, TrainStream
+from egmf.data.train_stream import SampleSequence, StreamSettings, TrainStream, dataset_order
 from egmf.data.transport import max_batch_bytes, run_in_workers
 from egmf.errors import DataError
 from egmf.shards.manifest import SplitManifest, load_manifest
@@ -45,7 +45,7 @@ def batches_from(stream: IterableDataset, cfg: DataConfig, manifests: list[Split
 
 class _BadSampleTotal:
     """Sums the bad-sample counts that each worker reports with its batches, on top of the count `carried` over
-    from earlier epochs (workers count from 0 in each epoch; the limit is for the whole run)."""
+    from earlier epochs and runs (workers count from 0 in each epoch; the limit is for the whole run)."""
 
     def __init__(self, limit: int, carried: int = 0):
         self.limit, self.by_worker, self.carried = limit, {}, carried
@@ -64,98 +64,107 @@ class _BadSampleTotal:
         return self.carried + sum(self.by_worker.values())
 
 
-def batches_per_epoch(samples: int, batch_size: int, world_size: int) -> int:
-    """Micro-batches each rank yields per epoch of `samples` training samples (at least one)."""
-    return max(1, math.ceil(samples / (batch_size * world_size)))
+def steps_per_epoch(samples: int, global_batch: int) -> int:
+    """Optimizer steps per epoch of `samples` training samples (at least one)."""
+    return max(1, math.ceil(samples / global_batch))
 
 
 class TrainLoader:
-    """Mixed, resampled training batches; every rank yields exactly `len(self)` per epoch."""
+    """This rank's training micro-batches: `grad_accum` per optimizer step, `len(self)` per epoch on every rank.
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+    The sample order does not depend on the number of ranks (egmf/data/train_stream.py): a state saved on N ranks
+    continues on M ranks with the same global batches when data.batch_size x grad_accum x ranks stays the same.
+    `state_dict()` is meant for optimizer-step boundaries (where checkpoints are made)."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+        self.cfg, self.rank, self.world_size, self.grad_accum = cfg, rank, world_size, grad_accum
         self.manifests = [load_manifest(cfg.root, name, "train") for name in cfg.train]
         self.weights = list(cfg.train.values())
+        self.global_batch = cfg.batch_size * grad_accum * world_size
         samples = cfg.samples_per_epoch or sum(m.num_samples for m in self.manifests)
-        self.steps_per_epoch = batches_per_epoch(samples, cfg.batch_size, world_size)
+        self.steps_per_epoch = steps_per_epoch(samples, self.global_batch)
         self.epoch, self.step = 0, 0
-        self.snapshots: dict[int, dict] = {}
-        self.reseed = 0
+        self.sequences = [SampleSequence(m, cfg.open_shards, cfg.seed, i) for i, m in enumerate(self.manifests)]
         self.bad = _BadSampleTotal(cfg.max_bad_samples)
-        warn_if_starved(self.manifests, world_size, cfg.num_workers)
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return self.steps_per_epoch * self.grad_accum
 
     def __iter__(self):
         """The rest of the current epoch; the next call starts the next epoch."""
+        order = dataset_order(self.weights, self.steps_per_epoch, self.cfg.seed, self.epoch)
         stream = TrainStream(
             self.manifests,
-            self.weights,
             stream_settings(self.cfg),
-            seed=self.cfg.seed,
-            epoch=self.epoch,
-            rank=self.rank,
-            num_workers=self.cfg.num_workers,
-            steps_per_epoch=self.steps_per_epoch,
+            order=order,
             start_step=self.step,
-            snapshots=self.snapshots,
-            reseed=self.reseed,
+            sequence_states=[sequence.state_dict() for sequence in self.sequences],
+            seed=self.cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            grad_accum=self.grad_accum,
+            num_workers=self.cfg.num_workers,
         )
+        micro = 0
         for batch in batches_from(stream, self.cfg, self.manifests):
             state, batch.loader_state = batch.loader_state, None
-            self.snapshots[state["worker"]] = state
             self.bad.update(state)
-            self.step += 1
+            micro += 1
+            if micro % self.grad_accum == 0:  # the step's last micro-batch: the stream stands after the step
+                self.sequences[order[self.step]].take(self.global_batch)
+                self.step += 1
             yield batch
-        self.epoch, self.step, self.snapshots, self.reseed = self.epoch + 1, 0, {}, 0
+        self.epoch, self.step = self.epoch + 1, 0
         self.bad = _BadSampleTotal(self.cfg.max_bad_samples, self.bad.total)
 
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, with the current one's fraction."""
+        return self.epoch + self.step / self.steps_per_epoch
+
     def state_dict(self) -> dict:
-        """Where this rank's stream stands (JSON-able); save it with each checkpoint."""
+        """Where the stream stands (JSON-able, the same on every rank but for the bad-sample count); save it with
+        each checkpoint."""
         return {
             "epoch": self.epoch,
             "step": self.step,
             "seed": self.cfg.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": max(1, self.cfg.num_workers),
-            "steps_per_epoch": self.steps_per_epoch,
+            "global_batch": self.global_batch,
             "datasets": list(self.cfg.train),
-            "snapshots": {str(k): v for k, v in self.snapshots.items()},
-            "reseed": self.reseed,
-            "bad_samples_before_epoch": self.bad.carried,
+            "weights": self.weights,
+            "sequences": [sequence.state_dict() for sequence in self.sequences],
+            "bad_samples": self.bad.total,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
-        self.bad = _BadSampleTotal(self.cfg.max_bad_samples, state.get("bad_samples_before_epoch", 0))
-        same_stream = all(
-            state[key] == value
-            for key, value in (
-                ("seed", self.cfg.seed),
-                ("rank", self.rank),
-                ("world_size", self.world_size),
-                ("num_workers", max(1, self.cfg.num_workers)),
-                ("steps_per_epoch", self.steps_per_epoch),
-                ("datasets", list(self.cfg.train)),
-            )
+        self.bad = _BadSampleTotal(self.cfg.max_bad_samples, state.get("bad_samples", 0))
+        saved = dict(zip(state["datasets"], state["sequences"], strict=True))
+        if state["seed"] != self.cfg.seed:
+            saved = {}
+        for index, (name, manifest) in enumerate(zip(self.cfg.train, self.manifests, strict=True)):
+            if name in saved:
+                self.sequences[index] = SampleSequence(
+                    manifest, self.cfg.open_shards, self.cfg.seed, index, saved[name]
+                )
+        same = (state["global_batch"], state["datasets"], state["weights"]) == (
+            self.global_batch,
+            list(self.cfg.train),
+            self.weights,
         )
-        if same_stream:
-            self.snapshots = {int(k): v for k, v in state["snapshots"].items()}
-            self.reseed = state["reseed"]
-        else:
-            # The saved positions belong to another layout of the stream: keep the epoch
-            # and step, draw fresh shards for the rest of the epoch (no replay of its start).
+        if not same or len(saved) != len(self.manifests):
+            # Another epoch layout: keep the epoch, the step and every sequence position that still applies
             logger.warning(
-                "data layout changed since the checkpoint (seed, ranks, workers, datasets or epoch "
-                "size); continuing epoch %d at step %d with freshly drawn shards",
+                "the data layout changed since the checkpoint (global batch %d -> %d, datasets, weights or "
+                "data.seed): epoch %d continues at step %d with another order of datasets; samples may repeat or "
+                "be left out in this epoch. Keep optim.global_batch, data.train and data.seed to resume exactly",
+                state["global_batch"],
+                self.global_batch,
                 self.epoch,
                 self.step,
             )
-            self.snapshots, self.reseed = {}, self.step + 1
         if self.step >= self.steps_per_epoch:
-            self.epoch, self.step, self.snapshots, self.reseed = self.epoch + 1, 0, {}, 0
+            self.epoch, self.step = self.epoch + 1, 0
 
     @property
     def bad_samples(self) -> int:
@@ -208,21 +217,3 @@ class EvalLoader:
     @property
     def bad_samples(self) -> int:
         return self.bad.total
-
-
-def warn_if_starved(manifests: list[SplitManifest], world_size: int, num_workers: int) -> None:
-    readers = world_size * max(1, num_workers)
-    for m in manifests:
-        if len(m.shards) < readers:
-            logger.warning(
-                "%s/%s has %d shard(s) for %d readers (%d rank(s) x %d worker(s)): workers will read the same "
-                "shards and batches will repeat samples. Rebuild it with a smaller --shard-samples/--shard-bytes "
-                "(at least %d shards)",
-                m.dataset,
-                m.split,
-                len(m.shards),
-                readers,
-                world_size,
-                max(1, num_workers),
-                readers,
-            )

@@ -1,26 +1,37 @@
-"""The training stream of one (rank, worker): resampled shards, mixed datasets, resumable.
+"""The training stream: one sample order for the whole run, whatever the number of ranks and workers.
 
-Stages, per worker: shard list (from the manifests) -> seeded resampling of
-shards (the per-rank/per-worker seed replaces "split by node/worker": every
-worker draws its own shards, with replacement) -> tar to samples -> sample
-shuffle (K open shards read in a random interleaving) -> decode -> validate ->
-map to tensors + batch and collate.
+Stages: epoch plan (which dataset each optimizer step takes, and that dataset's
+next global batch of sample positions) -> this rank's slice of each global
+batch, split over its workers -> tar to samples -> decode -> validate -> map to
+tensors + batch and collate.
 
-Why this shape: resampling lets every rank run the same, fixed number of
-batches whatever the shard counts (webdataset #194, #278), and its whole state
-is small -- one RNG state plus (shard, offset) of each open shard. Every batch
-carries that snapshot, so a resumed run reopens the same shards at the same
-offsets (skipping undecoded) and continues the stream instead of replaying it.
+Why this shape: the plan is computed from the manifests' sample counts alone,
+so every rank and worker knows every step's samples without reading a byte,
+and it does not depend on the number of ranks. Optimizer step g of an epoch
+takes the next `global_batch` positions of the sequence of dataset d_g; rank r
+takes positions [(a·W + r)·b, +b) of them for its micro-batch a (b: micro-batch,
+W: ranks). A run checkpointed on N ranks therefore continues on M ranks with the
+same samples in the same global batches, provided the global batch is the same
+(set optim.global_batch). The stream's whole state is the epoch, the step and
+each dataset's `SampleSequence` state: small, JSON-able, the same on every rank.
 
-Global batch g of an epoch comes from virtual worker g % W (DataLoader takes
-workers in turn). When resuming at step s, real worker i plays virtual worker
-(s + i) % W, so the order continues exactly.
+Each dataset's sequence is a series of passes over its shards: a seeded shard
+permutation, read K shards at a time (data.open_shards) in a seeded
+interleaving (the sample shuffle). Sequences continue across epochs, so every
+sample is used once per pass. An epoch gives dataset d round(w_d x steps) of
+its steps (largest remainder), in a seeded order: with weights proportional to
+the datasets' sizes and sizes that are multiples of the global batch, an epoch
+uses every sample exactly once.
 
-Which dataset batch g comes from is drawn from (seed, epoch, g) alone, the same
-on every rank: each dataset has its own feature front end, and ZeRO-2 reduces
-gradients bucket by bucket in the order their hooks fire, so every rank must
-run the same graph at the same step (different graphs would pair up different
-gradients in the collectives).
+Which dataset a step comes from is the same on every rank: each dataset has its
+own feature front end, and ZeRO-2 reduces gradients bucket by bucket in the
+order their hooks fire, so every rank must run the same graph at the same step.
+
+A bad sample (unreadable, truncated away, failing decode or validation) is
+dropped from its micro-batch, which is then smaller; a micro-batch with no good
+sample comes as a padding batch (`valid` all False) that the trainer skips on
+every rank together. Each position belongs to one rank and worker, which alone
+reads, decodes and counts it.
 """
 
 from __future__ import annotations
@@ -30,11 +41,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from egmf.data.collate import Batch, collate
+from egmf.data.collate import Batch, collate, padding_batch
 from egmf.data.tar_samples import BadSamples, RawSample, decode_valid, read_shard
 from egmf.shards.manifest import SplitManifest
 
-_MIXING_STREAM = 0x6D6978  # keeps the mixing draws apart from the shard draws seeded with the same numbers
+_ORDER_STREAM = 0x6D6978  # keeps the dataset-order draws apart from the sequences' draws seeded with the same numbers
+_NO_LIMIT = 1 << 62
 
 
 @dataclass
@@ -47,137 +59,174 @@ class StreamSettings:
     max_bad_samples: int
 
 
-class _OpenShard:
-    def __init__(self, manifest: SplitManifest, index: int, offset: int, bad: BadSamples):
-        self.index, self.offset = index, offset
-        self.samples = read_shard(manifest.shard_url(index), manifest.shards[index].num_samples, bad, start=offset)
-
-
-class ShardInterleaver:
-    """Resampled shards of one dataset, K open at a time, read in a random interleaving."""
+class SampleSequence:
+    """The order in which one dataset's training samples are used, as (shard, offset) positions, computed from
+    the manifest's sample counts: passes over the shards, each a seeded permutation read `num_open` shards at a
+    time, the next sample taken from an open shard drawn at random."""
 
     def __init__(
-        self,
-        manifest: SplitManifest,
-        num_open: int,
-        rng: np.random.Generator,
-        bad: BadSamples,
-        positions: list[list[int]] = (),
+        self, manifest: SplitManifest, num_open: int, seed: int, dataset_index: int, state: dict | None = None
     ):
-        self.manifest, self.num_open, self.rng, self.bad = manifest, num_open, rng, bad
-        self.open = [_OpenShard(manifest, index, offset, bad) for index, offset in positions]
+        self.sizes = [shard.num_samples for shard in manifest.shards]
+        self.num_open = num_open
+        self.rng = np.random.default_rng([seed, dataset_index])
+        self.passes, self.queue, self.open = 0, [], []
+        if state is not None:
+            self.passes, self.queue, self.open = state["passes"], list(state["queue"]), [list(p) for p in state["open"]]
+            self.rng.bit_generator.state = state["rng"]
 
-    def positions(self) -> list[list[int]]:
-        return [[shard.index, shard.offset] for shard in self.open]
+    def state_dict(self) -> dict:
+        return {
+            "passes": self.passes,
+            "queue": list(self.queue),
+            "open": [list(p) for p in self.open],
+            "rng": self.rng.bit_generator.state,
+        }
 
-    def next_sample(self) -> RawSample:
-        while True:
-            while len(self.open) < self.num_open:
-                index = int(self.rng.integers(len(self.manifest.shards)))
-                self.open.append(_OpenShard(self.manifest, index, 0, self.bad))
-            pick = int(self.rng.integers(len(self.open)))
-            shard = self.open[pick]
-            raw = next(shard.samples, None)
-            if raw is None:
-                del self.open[pick]
+    def take(self, count: int) -> list[tuple[int, int]]:
+        """The next `count` positions."""
+        taken = []
+        while len(taken) < count:
+            while len(self.open) < self.num_open and self.queue:
+                shard = self.queue.pop(0)
+                if self.sizes[shard]:
+                    self.open.append([shard, 0])
+            if not self.open:  # the pass is used up: the next one
+                self.queue = [int(i) for i in self.rng.permutation(len(self.sizes))]
+                self.passes += 1
                 continue
-            shard.offset = raw.offset + 1
+            pick = int(self.rng.integers(len(self.open)))
+            shard, offset = self.open[pick]
+            taken.append((shard, offset))
+            if offset + 1 == self.sizes[shard]:
+                del self.open[pick]
+            else:
+                self.open[pick][1] = offset + 1
+        return taken
+
+    def open_shards(self) -> set[int]:
+        return {shard for shard, _ in self.open}
+
+
+def dataset_order(weights: list[float], steps: int, seed: int, epoch: int) -> list[int]:
+    """The dataset index of each optimizer step of an epoch: dataset d gets round(w_d x steps) steps (largest
+    remainder, weights normalised), in an order drawn from (seed, epoch) alone -- the same on every rank."""
+    shares = np.asarray(weights, dtype=np.float64) / np.sum(weights) * steps
+    counts = np.floor(shares).astype(int)
+    for index in np.argsort(-(shares - counts), kind="stable")[: steps - counts.sum()]:
+        counts[index] += 1
+    order = np.repeat(np.arange(len(weights)), counts)
+    return [int(d) for d in np.random.default_rng([seed, epoch, _ORDER_STREAM]).permutation(order)]
+
+
+class _ShardProblems(BadSamples):
+    """What goes wrong reading a shard, kept per shard and not counted: only the positions a worker owns count."""
+
+    def __init__(self):
+        super().__init__(_NO_LIMIT)
+        self.reasons: dict[str, str] = {}
+
+    def add(self, where: str, reason: str, num_samples: int = 1) -> None:
+        self.reasons[where] = reason
+
+
+class _ShardReaders:
+    """Reads samples of one dataset's shards by position, keeping each shard open while its reads go forward."""
+
+    def __init__(self, manifest: SplitManifest):
+        self.manifest = manifest
+        self.problems = _ShardProblems()
+        self.readers: dict[int, list] = {}
+        """shard -> [sample iterator, next offset it yields, a sample read ahead or None]"""
+
+    def read(self, shard: int, offset: int) -> RawSample | str:
+        """The raw sample at (shard, offset), or why it cannot be read."""
+        url = self.manifest.shard_url(shard)
+        reader = self.readers.get(shard)
+        if reader is None or reader[1] > offset:
+            samples = read_shard(url, self.manifest.shards[shard].num_samples, self.problems, start=offset)
+            reader = self.readers[shard] = [samples, offset, None]
+        while True:
+            raw = reader[2] if reader[2] is not None else next(reader[0], None)
+            reader[2] = None
+            if raw is None:
+                del self.readers[shard]
+                return self.problems.reasons.get(url, "missing from its shard")
+            if raw.offset < offset:
+                continue
+            if raw.offset > offset:  # the sample asked for is missing: keep the one read for later
+                reader[1], reader[2] = raw.offset, raw
+                return "missing from its shard"
+            reader[1] = offset + 1
             return raw
+
+    def keep_only(self, shards: set[int]) -> None:
+        """Close the shards that the sequence has left (their remaining samples belong to other readers)."""
+        for shard in set(self.readers) - shards:
+            del self.readers[shard]
 
 
 class TrainStream(IterableDataset):
-    """One epoch of training batches for one rank, split over W workers."""
+    """The rest of one epoch of micro-batches for one rank, split over its workers (worker i makes micro-batches
+    i, i + W_k, ... of this stream; the DataLoader takes them in turn)."""
 
     def __init__(
         self,
         manifests: list[SplitManifest],
-        weights: list[float],
         settings: StreamSettings,
         *,
+        order: list[int],
+        start_step: int,
+        sequence_states: list[dict],
         seed: int,
-        epoch: int,
         rank: int,
+        world_size: int,
+        grad_accum: int,
         num_workers: int,
-        steps_per_epoch: int,
-        start_step: int = 0,
-        snapshots: dict[int, dict] | None = None,
-        reseed: int = 0,
     ):
-        self.manifests, self.settings = manifests, settings
-        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.num_workers, self.steps_per_epoch, self.start_step = max(1, num_workers), steps_per_epoch, start_step
-        self.snapshots = snapshots or {}
-        self.reseed = reseed
-        """Non-zero when resuming without usable snapshots: fresh draws instead of a replay."""
+        self.manifests, self.settings, self.order, self.start_step = manifests, settings, order, start_step
+        self.sequence_states, self.seed = sequence_states, seed
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.num_workers = max(1, num_workers)
+
+    @property
+    def global_batch(self) -> int:
+        return self.settings.batch_size * self.grad_accum * self.world_size
 
     def __iter__(self):
         info = get_worker_info()
-        real_worker = info.id if info is not None else 0
-        virtual = (self.start_step + real_worker) % self.num_workers
-        first = (self.start_step + real_worker) // self.num_workers
-        total = (self.steps_per_epoch - virtual + self.num_workers - 1) // self.num_workers
-        state = self._restore(virtual, first)
-        for _ in range(first, total):
-            yield self._next_batch(state)
+        worker = info.id if info is not None else 0
+        s = self.settings
+        sequences = [
+            SampleSequence(m, s.open_shards, self.seed, i, state)
+            for i, (m, state) in enumerate(zip(self.manifests, self.sequence_states, strict=True))
+        ]
+        readers = [_ShardReaders(m) for m in self.manifests]
+        bad = BadSamples(s.max_bad_samples)
+        micro = 0
+        for step in range(self.start_step, len(self.order)):
+            source = self.order[step]
+            positions = sequences[source].take(self.global_batch)
+            for accum in range(self.grad_accum):
+                if micro % self.num_workers == worker:
+                    first = (accum * self.world_size + self.rank) * s.batch_size
+                    batch = self._micro_batch(source, positions[first : first + s.batch_size], readers[source], bad)
+                    batch.loader_state = {"worker": worker, "bad_samples": bad.count}
+                    yield batch
+                micro += 1
+            readers[source].keep_only(sequences[source].open_shards())
 
-    def _restore(self, virtual: int, first: int) -> _WorkerState:
-        snapshot = self.snapshots.get(virtual)
-        if snapshot is None:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, virtual, self.reseed])
-            return _WorkerState(self, virtual, rng, batches=0, bad_samples=0, positions=[[]] * len(self.manifests))
-        assert snapshot["batches"] == first, (snapshot["batches"], first)
-        rng = np.random.default_rng()
-        rng.bit_generator.state = snapshot["rng"]
-        return _WorkerState(
-            self, virtual, rng, snapshot["batches"], snapshot["bad_samples"], positions=snapshot["open_shards"]
-        )
-
-    def dataset_of_step(self, step: int) -> int:
-        """Index of the dataset that global batch `step` of this epoch comes from: the same on every rank."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.reseed, step, _MIXING_STREAM])
-        return int(rng.choice(len(self.manifests), p=self.weights))
-
-    def _next_batch(self, state: _WorkerState) -> Batch:
-        source = self.dataset_of_step(state.batches * self.num_workers + state.virtual)
-        manifest, interleaver = self.manifests[source], state.interleavers[source]
+    def _micro_batch(self, source: int, positions, readers: _ShardReaders, bad: BadSamples) -> Batch:
+        manifest, s = self.manifests[source], self.settings
         samples = []
-        while len(samples) < self.settings.batch_size:
-            sample = decode_valid(interleaver.next_sample(), manifest, state.bad)
+        for shard, offset in positions:
+            raw = readers.read(shard, offset)
+            if isinstance(raw, str):
+                bad.add(f"{manifest.shard_url(shard)} sample #{offset}", raw)
+                continue
+            sample = decode_valid(raw, manifest, bad)
             if sample is not None:
                 samples.append(sample)
-        s = self.settings
-        batch = collate(samples, manifest, s.max_audio_frames, s.max_vision_frames, s.truncation)
-        state.batches += 1
-        batch.loader_state = state.snapshot()
-        return batch
-
-
-class _WorkerState:
-    """What one worker carries from batch to batch; `snapshot()` is all of it, JSON-able."""
-
-    def __init__(
-        self,
-        stream: TrainStream,
-        virtual: int,
-        rng: np.random.Generator,
-        batches: int,
-        bad_samples: int,
-        positions: list[list[list[int]]],
-    ):
-        self.virtual, self.rng, self.batches = virtual, rng, batches
-        self.bad = BadSamples(stream.settings.max_bad_samples, bad_samples)
-        self.interleavers = [
-            ShardInterleaver(manifest, stream.settings.open_shards, rng, self.bad, pos)
-            for manifest, pos in zip(stream.manifests, positions, strict=True)
-        ]
-
-    def snapshot(self) -> dict:
-        """Everything needed to continue this worker's stream after the batch just made (JSON-able)."""
-        return {
-            "worker": self.virtual,
-            "batches": self.batches,
-            "rng": self.rng.bit_generator.state,
-            "open_shards": [interleaver.positions() for interleaver in self.interleavers],
-            "bad_samples": self.bad.count,
-        }
+        if not samples:
+            return padding_batch(manifest)
+        return collate(samples, manifest, s.max_audio_frames, s.max_vision_frames, s.truncation)

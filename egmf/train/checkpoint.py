@@ -6,7 +6,10 @@
         deepspeed/                every rank's part of the DeepSpeed save (trainable weights, optimizer
                                   partitions, scheduler); frozen base weights excluded (peft #746)
         export/                   adapter/ (peft) + fusion.safetensors: usable without this trainer
-        loader_rank{R}.json       each rank's data-stream position
+        trainable_state.pt        the trainable weights and Adam moments whole, for a resume on another number
+                                  of ranks (egmf.train.elastic_state)
+        loader_rank{R}.json       each rank's data-stream position (the same on every rank but for its count
+                                  of bad samples)
         rng_rank{R}.pt            each rank's torch RNG states (loaded with weights_only=True)
         config.json               the resolved config
         ds_config.json            the DeepSpeed config the engine ran with
@@ -30,6 +33,7 @@ from egmf.atomic import partial_folder, publish, remove_partials, start_partial,
 from egmf.distributed import WorldInfo, barrier
 from egmf.errors import CheckpointError
 from egmf.model.egmf_model import PACKAGE_CONFIG, PACKAGE_RECORD
+from egmf.train.elastic_state import TRAINABLE_STATE, gather_trainable_state, restore_trainable_state
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -168,6 +172,9 @@ def save_checkpoint(
         start_partial(final)  # also clears what a crash during an earlier save of this step left
     barrier()
     engine.save_checkpoint(partial, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    trainable = gather_trainable_state(engine)  # collectives: every rank
+    if world.is_logging_rank:
+        torch.save(trainable, os.path.join(partial, TRAINABLE_STATE))
     write_json(os.path.join(partial, f"loader_rank{world.rank}.json"), loader_state)
     torch.save(rng_state(), os.path.join(partial, f"rng_rank{world.rank}.pt"))
     if world.is_logging_rank:
@@ -197,13 +204,24 @@ def remove_partial_saves(output_dir: str) -> None:
 
 
 def load_checkpoint(engine, world: WorldInfo, checkpoint: str) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns this rank's loader state.
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns the loader state.
 
-    With more ranks than the checkpoint had, a new rank takes rank 0's loader state (the loader sees the
-    changed layout and draws fresh shards) and keeps its own RNG.
+    On another number of ranks than the checkpoint's, the optimizer comes from the whole trainable state
+    (`egmf.train.elastic_state`) instead of DeepSpeed's per-rank partitions; a rank the checkpoint did not have
+    takes rank 0's loader state (the stream's position is the same on every rank) and keeps its own RNG.
     """
+    saved_ranks = read_meta(checkpoint)["world_size"]
+    resized = saved_ranks != world.world_size
     # frozen base weights are not in the checkpoint: non-strict loading (peft #746, #1395)
-    engine.load_checkpoint(checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False)
+    engine.load_checkpoint(checkpoint, tag=DEEPSPEED_TAG, load_module_strict=False, load_optimizer_states=not resized)
+    if resized:
+        state_file = os.path.join(checkpoint, TRAINABLE_STATE)
+        if not os.path.isfile(state_file):
+            raise CheckpointError(
+                f"{checkpoint} was saved on {saved_ranks} rank(s) without {TRAINABLE_STATE}: resume it on "
+                f"{saved_ranks} rank(s)"
+            )
+        restore_trainable_state(engine, torch.load(state_file, weights_only=True, map_location="cpu"))
     rng_file = os.path.join(checkpoint, f"rng_rank{world.rank}.pt")
     if os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=True)

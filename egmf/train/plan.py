@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from egmf.data.loader import batches_per_epoch
+from egmf.data.loader import steps_per_epoch
 from egmf.datasets import DEMO_DATASETS
 from egmf.demo_assets import DEMO_SIZES
 from egmf.errors import ConfigError, DataError
@@ -181,8 +181,8 @@ def make_plan(cfg, world_size: int, device_memory: float | None = None, train_sa
     cfg = fit_to_world(cfg, world_size)
     samples, sizes_from = (train_samples, "--train-samples") if train_samples else train_sizes(cfg)
     per_epoch = cfg.data.samples_per_epoch or samples
-    steps = plan_steps(cfg, batches_per_epoch(per_epoch, cfg.data.batch_size, world_size), world_size)
     global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world_size
+    steps = plan_steps(cfg, steps_per_epoch(per_epoch, global_batch) * cfg.optim.grad_accum, world_size)
     seq_len = PROMPT_TOKENS + cfg.prompt.max_text_tokens + (0 if cfg.prompt.text_only else cfg.fusion.num_pseudo_tokens)
     shape, model_from = model_shape(cfg.llm.path)
     return Plan(

@@ -51,6 +51,8 @@ from egmf.train.schedule import plan_steps
 from egmf.train.throughput import Window, llm_flops_per_token, peak_flops
 
 logger = logging.getLogger("egmf.train")
+NON_FINITE, NO_SAMPLES = "non-finite loss", "no good sample"
+"""Why `forward_backward` skipped a micro-batch."""
 
 FINAL_METRICS = "final_metrics.json"
 PACKAGE = "package"
@@ -103,6 +105,7 @@ class Trainer:
         self.output_dir = cfg.train.output_dir
         self.state = RunState()
         self.saved_step = -1
+        self.nonfinite_in_a_row = 0
         self.last_save_time = time.monotonic()
         """When this process last saved (or started): checkpoint.every_minutes counts from it."""
 
@@ -119,7 +122,7 @@ class Trainer:
         self.peak = peak_flops(self.device, cfg.train.peak_tflops)
         self.expert_names = list(model.fusion.cfg.experts) if model.fusion is not None else []
         optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, offloads_optimizer(self.ds_config))
-        self.loader = TrainLoader(cfg.data, self.world.rank, self.world.world_size)
+        self.loader = TrainLoader(cfg.data, self.world.rank, self.world.world_size, cfg.optim.grad_accum)
         self.plan = plan_steps(cfg, len(self.loader), self.world.world_size)
         self.total_steps = self.plan.total_steps
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, self.plan.warmup_steps)
@@ -336,49 +339,67 @@ class Trainer:
             yield from self.loader
 
     def train_step(self, batches, window: Window) -> None:
-        """One optimizer step: `grad_accum` micro-batches with a finite loss."""
+        """One optimizer step: `grad_accum` micro-batches, the step's global batch (egmf/data/train_stream.py). A
+        micro-batch skipped on every rank (a non-finite loss, or no good sample on some rank) adds zero gradient,
+        so that each step uses its own samples and no other's."""
         self.engine.module.set_training_progress(self.state.step / self.total_steps)
-        done = 0
-        in_a_row = 0
-        while done < self.cfg.optim.grad_accum:
+        for _ in range(self.cfg.optim.grad_accum):
             batch = next(batches)
-            if self.forward_backward(batch, window):
-                # after every backward, as DeepSpeed counts micro-steps: it updates on the grad_accum-th call
-                self.engine.step()
-                done, in_a_row = done + 1, 0
-                continue
-            in_a_row += 1
-            window.skipped += 1
-            self.state.skipped_nonfinite += 1
-            if in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
+            problem = self.forward_backward(batch, window)
+            if problem:
+                self.backward_zero()
+                window.skipped += 1
+                self.state.skipped_nonfinite += problem == NON_FINITE
+                self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if problem == NON_FINITE else 0
+            else:
+                self.nonfinite_in_a_row = 0
+            # after every backward, as DeepSpeed counts micro-steps: it updates on the grad_accum-th call
+            self.engine.step()
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
                 raise NonFiniteLossError(
-                    f"{in_a_row} micro-batches in a row had a NaN/inf loss at step {self.state.step + 1}; "
-                    "the run is diverging. Lower optim.fusion_lr/optim.lora_lr, raise optim.warmup_steps, "
-                    "or resume from an earlier checkpoint (checkpoint.resume=PATH)"
+                    f"{self.nonfinite_in_a_row} micro-batches in a row had a NaN/inf loss at step "
+                    f"{self.state.step + 1}; the run is diverging. Lower optim.fusion_lr/optim.lora_lr, raise "
+                    "optim.warmup_steps, or resume from an earlier checkpoint (checkpoint.resume=PATH)"
                 )
         self.state.step += 1
         window.steps += 1
 
-    def forward_backward(self, batch, window: Window) -> bool:
-        """False (and no backward) when the loss is not finite on some rank: every rank skips it together.
+    def forward_backward(self, batch, window: Window) -> str:
+        """'' after the backward; NON_FINITE or NO_SAMPLES (and no backward) when the loss is not finite, or the
+        batch holds no good sample, on some rank: every rank skips it together.
 
-        One all-reduce carries both what the ranks must agree on: whether every loss is finite, and the batch's
-        mean level-2 gate over all ranks, which the balance loss keeps per dataset (identical on every rank; every
-        rank's batch of a step comes from the same dataset, egmf/data/train_stream.py)."""
+        One all-reduce carries what the ranks must agree on: whether every loss is finite and every batch holds
+        samples, and the batch's mean level-2 gate over all ranks, which the balance loss keeps per dataset
+        (identical on every rank; every rank's batch of a step comes from the same dataset)."""
         out = self.engine(batch)
-        stats = torch.isfinite(out.loss.detach()).float().reshape(1)
+        finite = torch.isfinite(out.loss.detach()).float().reshape(1)
+        has_samples = batch.valid.any().float().reshape(1).to(finite.device)
+        stats = torch.cat([finite, has_samples])
         if out.expert_weights is not None:
             stats = torch.cat([stats, out.expert_weights.detach().float().mean(0)])
         if self.world.world_size > 1:
             dist.all_reduce(stats)
+        if stats[1].item() < self.world.world_size:
+            logger.warning(
+                "step %d: a %s micro-batch without good samples on some rank; skipped on every rank",
+                self.state.step + 1,
+                batch.dataset,
+            )
+            return NO_SAMPLES
         if stats[0].item() < self.world.world_size:
             logger.warning("non-finite loss at step %d (%s batch); skipped", self.state.step + 1, batch.dataset)
-            return False
+            return NON_FINITE
         if out.expert_weights is not None:
-            self.engine.module.record_gate_usage(batch.dataset, stats[1:] / self.world.world_size)
+            self.engine.module.record_gate_usage(batch.dataset, stats[2:] / self.world.world_size)
         self.engine.backward(out.loss)
         window.add_micro_batch(out, batch.dataset, int(batch.valid.sum()))
-        return True
+        return ""
+
+    def backward_zero(self) -> None:
+        """A backward that adds zero to every trainable gradient: DeepSpeed's micro-step count and ZeRO-2's
+        gradient reduction go on as for any micro-batch, the same on every rank."""
+        zero = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
+        self.engine.backward(zero)
 
     # ---- logging -------------------------------------------------------------------------------
 
@@ -396,7 +417,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
-        metrics["train/epoch"] = self.loader.epoch + self.loader.step / len(self.loader)
+        metrics["train/epoch"] = self.loader.epoch_progress
         if self.loader.bad_samples:  # skipped bad training samples on this rank, so far (no chart while none)
             metrics["data/bad_samples"] = self.loader.bad_samples
         self.tracker.log_metrics(metrics, self.state.step)
