@@ -7,7 +7,7 @@ Writes synthetic MOSEI-shaped shards (audio L ~ U{100..500} x 74, vision
 L ~ U{75..375} x 35, float16, as the builder writes them), then reads them
 (a) as raw bytes (1 MiB reads, no parsing: what the page cache delivers),
 (b) with plain `tarfile` iteration, no decoding (the ceiling the issue names,
-one process), and (c) with `TrainLoader` (resampling, decode, validate,
+one process), and (c) with `TrainLoader` (sample order, decode, validate,
 collate) for each worker count, one epoch of the same number of samples.
 Prints one table; "x ceiling" is relative to (b). Page cache is warm for all:
 the shards were just written and are read once before timing.

@@ -16,7 +16,8 @@ class DataConfig:
     root: str = "shards/demo"
     """Shard root (a folder, or a URL prefix webdataset can open); holds DATASET/SPLIT/manifest.json."""
     train: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in DEMO_DATASETS})
-    """Datasets to train on and their mixing weights (each batch comes from one dataset)."""
+    """Datasets to train on and their weights: each one's share of an epoch's steps (a step's global batch comes
+    from one dataset)."""
     eval: list[str] = field(default_factory=lambda: list(DEMO_DATASETS))
     """Datasets to evaluate (their valid and test splits)."""
     batch_size: int = 8
@@ -24,11 +25,11 @@ class DataConfig:
     num_workers: int = 2
     """Data-loading worker processes per rank (0: load in the training process)."""
     seed: int = 0
-    """Seed of shard resampling, interleaving and dataset mixing."""
+    """Seed of the training sample order: shard permutations, interleaving and each epoch's dataset order."""
     samples_per_epoch: int = 0
     """Training samples per epoch over all ranks; 0 means the sum of the train splits' sizes."""
     open_shards: int = 4
-    """Shards each worker reads at once, interleaved at random (the sample shuffle)."""
+    """Shards of each dataset's sample order open at once, read in a random interleaving (the sample shuffle)."""
     max_audio_frames: int = 1024
     """Longer audio sequences are truncated (see `truncation`)."""
     max_vision_frames: int = 512
