@@ -143,7 +143,7 @@ def test_a_nan_loss_is_skipped_and_counted(train_shards, tiny_llm, tmp_path):
     out = str(tmp_path / "out")
     code, _, forward_calls = run_main(args(train_shards, tiny_llm, out), "nan_once")
     assert code == 0
-    assert forward_calls == 8 + 1  # one extra micro-batch replaced the skipped one
+    assert forward_calls == 8  # not replaced: its step adds zero gradient for it and takes no other samples
     assert read_meta(os.path.join(out, "checkpoints", "step_00000008"))["skipped_nonfinite"] == 1
     client, run = the_run(out)
     skipped = client.get_metric_history(run.info.run_id, "train/skipped_nonfinite")
@@ -257,3 +257,35 @@ def test_skipped_training_samples_reach_mlflow(train_shards, tiny_llm, tmp_path)
     client, run = the_run(out)
     history = client.get_metric_history(run.info.run_id, "data/bad_samples")
     assert history and history[-1].value >= 1
+
+
+def test_a_micro_batch_without_a_good_sample_is_skipped_and_the_run_goes_on(train_shards, tiny_llm, tmp_path, capfd):
+    """One sample per micro-batch, every sample of four of demo_cls_en's eight train shards broken: the micro-batches
+    at those positions hold no good sample, come as padding and are skipped (a zero-gradient backward)."""
+    import shutil
+    import tarfile
+
+    shards = str(tmp_path / "shards")
+    shutil.copytree(train_shards, shards)
+    folder = os.path.join(shards, "demo_cls_en", "train")
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".tar"))[::2]:
+        path = os.path.join(folder, name)
+        with tarfile.open(path) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(path, "w") as tar:
+            for member, data in members:
+                data = b"junk" if member.endswith(".json") else data
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = str(tmp_path / "out")
+    extra = ["--data.train={demo_cls_en = 1.0}", "--data.batch_size=1", "--train.steps=12"]
+    code, error, _ = run_main(args(shards, tiny_llm, out, *extra))
+    assert code == 0, error
+    log = capfd.readouterr().err
+    skipped = log.count("micro-batch without good samples on some rank; skipped on every rank")
+    assert 1 <= skipped < 12
+    client, run = the_run(out)
+    bad = client.get_metric_history(run.info.run_id, "data/bad_samples")
+    assert bad and max(m.value for m in bad) == skipped  # one bad sample per skipped micro-batch
+    assert all(m.value == m.value for m in client.get_metric_history(run.info.run_id, "train/loss"))

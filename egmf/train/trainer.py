@@ -423,7 +423,8 @@ class Trainer:
         self.tracker.log_metrics(metrics, self.state.step)
         self.watch_gate_collapse(metrics)
         summary = {
-            "loss": f"{metrics['train/loss']:.4f}",
+            # a window whose every micro-batch was skipped has no loss
+            "loss": f"{metrics['train/loss']:.4f}" if "train/loss" in metrics else "- (all skipped)",
             "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
             "samples/s/dev": f"{metrics['train/samples_per_s_per_device']:.1f}",
             "tok/s/dev": f"{metrics['train/tokens_per_s_per_device']:.0f}",
