@@ -36,6 +36,7 @@ reads, decodes and counts it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,35 +131,34 @@ class _ShardProblems(BadSamples):
         self.reasons[where] = reason
 
 
+@dataclass
+class _OpenShard:
+    samples: Iterator[RawSample]
+    """Yields the shard's samples at consecutive offsets from `next_offset` on, until it ends (or breaks off)."""
+    next_offset: int
+
+
 class _ShardReaders:
     """Reads samples of one dataset's shards by position, keeping each shard open while its reads go forward."""
 
     def __init__(self, manifest: SplitManifest):
         self.manifest = manifest
         self.problems = _ShardProblems()
-        self.readers: dict[int, list] = {}
-        """shard -> [sample iterator, next offset it yields, a sample read ahead or None]"""
+        self.readers: dict[int, _OpenShard] = {}
 
     def read(self, shard: int, offset: int) -> RawSample | str:
-        """The raw sample at (shard, offset), or why it cannot be read."""
+        """The raw sample at (shard, offset), or why it cannot be read (the shard is unreadable or ends before)."""
         url = self.manifest.shard_url(shard)
         reader = self.readers.get(shard)
-        if reader is None or reader[1] > offset:
+        if reader is None or reader.next_offset > offset:
             samples = read_shard(url, self.manifest.shards[shard].num_samples, self.problems, start=offset)
-            reader = self.readers[shard] = [samples, offset, None]
-        while True:
-            raw = reader[2] if reader[2] is not None else next(reader[0], None)
-            reader[2] = None
-            if raw is None:
-                del self.readers[shard]
-                return self.problems.reasons.get(url, "missing from its shard")
-            if raw.offset < offset:
-                continue
-            if raw.offset > offset:  # the sample asked for is missing: keep the one read for later
-                reader[1], reader[2] = raw.offset, raw
-                return "missing from its shard"
-            reader[1] = offset + 1
-            return raw
+            reader = self.readers[shard] = _OpenShard(samples, offset)
+        for raw in reader.samples:  # other readers' samples before `offset` pass undecoded
+            if raw.offset == offset:
+                reader.next_offset = offset + 1
+                return raw
+        del self.readers[shard]
+        return self.problems.reasons.get(url, "missing from its shard")
 
     def keep_only(self, shards: set[int]) -> None:
         """Close the shards that the sequence has left (their remaining samples belong to other readers)."""
