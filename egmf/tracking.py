@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from egmf.atomic import write_json
 from egmf.distributed import WorldInfo
 from egmf.mlflow_local import artifact_root, relocate_artifacts, store_uri
-from egmf.tracking_outbox import RECORDS, TARGET, UNSENT_DIR, Outbox, RecordRejected, send_records
+from egmf.tracking_outbox import TARGET, UNSENT_DIR, Outbox, RecordRejected, kept_files, send_records
 
 logger = logging.getLogger("egmf.train")
 
@@ -317,15 +317,20 @@ def sync_main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", help="the run's output folder (train.output_dir)")
     args = parser.parse_args(argv)
     folder = os.path.join(args.output_dir, UNSENT_DIR)
-    if not os.path.exists(os.path.join(folder, RECORDS)):
+    files = kept_files(folder)
+    if not files:
         print(f"nothing to send: {folder} holds no kept records")
         return 0
     with open(os.path.join(folder, TARGET)) as f:
         target = json.load(f)
-    sent = send_records(os.path.join(folder, RECORDS), record_sender(target["tracking_uri"], target["run_id"]))
-    if sent is None:
-        print(f"error: {target['tracking_uri']} still does not take the records; the rest is kept", file=sys.stderr)
-        return 1
+    send = record_sender(target["tracking_uri"], target["run_id"])
+    sent = 0
+    for path in files:  # in order: a file is sent only once those before it are
+        done = send_records(path, send)
+        if done is None:
+            print(f"error: {target['tracking_uri']} still does not take the records; the rest is kept", file=sys.stderr)
+            return 1
+        sent += done
     shutil.rmtree(folder)
     print(f"{sent} record(s) sent to run {target['run_id']} at {target['tracking_uri']}")
     return 0

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from run_helpers import REPO, SMALL_EVAL, run_args
 
 from egmf.distributed import free_port
 from egmf.tracking import record_sender, sync_main
-from egmf.tracking_outbox import NOTE, RECORDS, UNSENT_DIR, Outbox, RecordRejected
+from egmf.tracking_outbox import NOTE, RECORDS, RECORDS_AT_CLOSE, UNSENT_DIR, Outbox, RecordRejected
 from egmf.train.config import load_config
 from egmf.train.preflight import preflight
 
@@ -88,6 +89,75 @@ def test_a_run_that_ends_while_the_server_is_away_keeps_its_records_and_says_how
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "done"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
     assert not (tmp_path / "run" / UNSENT_DIR).exists()
+
+
+class StuckServer(FlakyServer):
+    """A server whose call for record `hang_on` (a metrics step) does not return until `release` is set; it then
+    answers as `away` says."""
+
+    def __init__(self, hang_on: int):
+        super().__init__()
+        self.hang_on, self.release, self.hanging = hang_on, threading.Event(), threading.Event()
+
+    def send(self, record: dict) -> None:
+        if record.get("step") == self.hang_on and not self.release.is_set():
+            self.hanging.set()  # set only by a call that blocks
+            self.release.wait(30)
+        super().send(record)
+
+
+def new_run(tmp_path, name: str) -> tuple[MlflowClient, str, str]:
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(store)
+    return client, store, client.create_run(client.create_experiment(name)).info.run_id
+
+
+def test_a_close_that_times_out_in_a_call_keeps_that_record_and_the_queue_in_order(tmp_path):
+    """The call for step 1 hangs; close gives up. Step 1 (its call still running) and the queued 2 and 3 are kept
+    in order, and the failure that ends the hung call afterwards keeps nothing twice."""
+    client, store, run_id = new_run(tmp_path, "stuck-call")
+    server = StuckServer(hang_on=1)
+    outbox = Outbox(server.send, str(tmp_path / "run"), {"tracking_uri": store, "run_id": run_id}, retry_s=0.2)
+    for step in (1, 2, 3):
+        outbox.put(metrics(step))
+    assert server.hanging.wait(10)
+    assert outbox.close(0.5) is False
+    server.away = True
+    server.release.set()  # the hung call fails now
+    outbox.thread.join(10)
+    assert not outbox.thread.is_alive()
+    note = (tmp_path / "run" / UNSENT_DIR / NOTE).read_text()
+    assert "3 record(s) are kept" in note and "had not returned after 0.5 s" in note
+    assert not (tmp_path / "run" / UNSENT_DIR / RECORDS).exists()
+    kept = (tmp_path / "run" / UNSENT_DIR / RECORDS_AT_CLOSE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [1, 2, 3]
+    assert sync_main([str(tmp_path / "run")]) == 0
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+
+
+def test_a_close_that_times_out_while_kept_records_are_resent_loses_none(tmp_path):
+    """The server is away, steps 1-2 are kept; the resend of step 1 hangs when the run closes with step 3 queued.
+    The resend then succeeds and empties records.jsonl: step 3, taken over by close, is still kept and synced."""
+    client, store, run_id = new_run(tmp_path, "stuck-retry")
+    server = StuckServer(hang_on=1)
+    server.away = True
+    server.release.set()
+    outbox = Outbox(server.send, str(tmp_path / "run"), {"tracking_uri": store, "run_id": run_id}, retry_s=0.2)
+    outbox.put(metrics(1))
+    outbox.put(metrics(2))
+    wait_for(lambda: outbox.away_since is not None and outbox.unsent() == 2)
+    server.release.clear()
+    assert server.hanging.wait(10)  # the resend of step 1
+    outbox.put(metrics(3))
+    assert outbox.close(0.5) is False
+    server.away = False
+    server.release.set()  # the resend succeeds: steps 1 and 2 reach the server
+    outbox.thread.join(10)
+    assert [r["step"] for r in server.received] == [1, 2]
+    kept = (tmp_path / "run" / UNSENT_DIR / RECORDS_AT_CLOSE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [3]
+    assert sync_main([str(tmp_path / "run")]) == 0
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3]
 
 
 def test_the_mlflow_sender_tells_a_refused_record_from_an_outage(tmp_path, monkeypatch):
