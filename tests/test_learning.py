@@ -11,7 +11,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(1200)  # ~4 min alone on 2 cores; leave room for a slower or busier machine
 def test_fusion_learns_where_text_alone_cannot(tmp_path):
-    _, outcome = run_bench("learn_demo.py", ["--steps", "1500", "--work-dir", str(tmp_path)], tmp_path, timeout=1150)
+    # Seed 1: in 1500 steps the class set is learned or not depending on the seed (docs/model.md: of seeds 0-2,
+    # seed 0 stays at one class); the regression assertions hold for all three
+    args = ["--steps", "1500", "--seed", "1", "--work-dir", str(tmp_path)]
+    _, outcome = run_bench("learn_demo.py", args, tmp_path, timeout=1150)
     fusion, text_only = outcome["EGMF (fusion)"]["results"], outcome["text-only"]["results"]
     for mode in ("generate", "constrained"):
         cls, cls_text = fusion[f"demo_cls_en/{mode}"], text_only[f"demo_cls_en/{mode}"]
