@@ -17,7 +17,7 @@ FAST_TIER := not slow and not cluster and not browser and not gpu
 .PHONY: test test-fast lint train sweep demo mlflow-ui bench bench-loader gpu-check gpu-wheels clean
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "$(FAST_TIER)"

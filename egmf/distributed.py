@@ -95,6 +95,8 @@ def init_distributed(world: WorldInfo, device: torch.device, timeout_s: int = 18
         timeout=timeout,
         verbose=False,
     )
+    if device.type == "cpu":
+        unlink_cpu_allreduce_buffer(world)
 
 
 CPU_COMM_OP = "deepspeed_shm_comm"
@@ -113,6 +115,25 @@ def announce_cpu_comm_build() -> None:
             CPU_COMM_OP,
             folder,
         )
+
+
+def cpu_allreduce_buffer_path(rank: int) -> str:
+    """Where DeepSpeed's CPU all-reduce keeps this rank's shared-memory workspace (about 70 MB). It creates one
+    per rank when every rank is on one node (the deepspeed launcher's LOCAL_SIZE equals the world size), names
+    it after the rendezvous address, and never unlinks it."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
+
+
+def unlink_cpu_allreduce_buffer(world: WorldInfo) -> None:
+    """Unlink this rank's workspace as soon as every rank has mapped every other's: the mappings stay valid
+    for the run, and the memory returns to the system when the last rank exits, however it exits. Left in
+    /dev/shm, each run would keep world_size x 70 MB of RAM until the machine reboots."""
+    dist.barrier()  # DeepSpeed's initialize returns once this rank has opened all its peers' workspaces
+    try:
+        os.unlink(cpu_allreduce_buffer_path(world.rank))
+    except FileNotFoundError:  # not created: ranks on several nodes, or a launcher without LOCAL_SIZE
+        pass
 
 
 def close_distributed() -> None:

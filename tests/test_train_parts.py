@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from egmf.distributed import WorldInfo, world_info_from_env
+from egmf.distributed import WorldInfo, free_port, world_info_from_env
 from egmf.errors import ConfigError
 from egmf.train import main as train_entry
 from egmf.train.config import load_config
@@ -189,6 +189,44 @@ def test_the_cpu_communication_op_build_is_announced_and_happens_once_per_extens
     assert "building" not in after
     again = subprocess.run([sys.executable, "-c", CPU_OP_CHECK], env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "building" not in again.stdout
+
+
+SHM_RANK = """
+import sys, torch, deepspeed.comm
+from egmf.distributed import close_distributed, init_distributed, world_info_from_env
+init_distributed(world_info_from_env(), torch.device("cpu"))
+torch.distributed.barrier()  # both ranks past their unlink
+mapped = [line for line in open("/proc/self/maps") if "deepspeed_allreduce_buffer" in line]
+total = torch.tensor([float(deepspeed.comm.get_rank() + 1)])
+deepspeed.comm.inference_all_reduce(total)  # DeepSpeed's shared-memory path, after the names are gone
+close_distributed()
+print(len(mapped), all(line.rstrip().endswith("(deleted)") for line in mapped), float(total))
+"""
+
+
+@pytest.mark.slow
+def test_cpu_all_reduce_workspaces_are_unlinked_once_mapped():
+    """DeepSpeed's CPU all-reduce creates a ~70 MB shared-memory file per rank and never removes it; each rank
+    unlinks its own once all ranks have mapped them, so collectives still work and nothing stays in /dev/shm."""
+    port = str(free_port())
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHM_RANK],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in range(2)
+    ]
+    outputs = [rank.communicate(timeout=600) for rank in ranks]
+    for rank, (stdout, stderr) in zip(ranks, outputs, strict=True):
+        assert rank.returncode == 0, stderr[-3000:]
+        mapped, all_deleted, total = stdout.split()[-3:]
+        assert int(mapped) >= 2 and all_deleted == "True"  # its own workspace and its peer's, both unlinked
+        assert float(total) == 3.0
+    assert not [name for name in os.listdir("/dev/shm") if f"_127.0.0.1_{port}_" in name]
 
 
 def row(dataset, mode, target, prediction, i=0):
