@@ -2,6 +2,7 @@
 
     python bench/loader.py                      # 2000 MOSEI-shaped samples, then the joint mix; workers 0/1/2
     python bench/loader.py --samples 64 --joint-samples 32 --workers 0,1   # a quick look
+    python bench/loader.py --samples 0 --joint-samples 0                   # the padding table alone
 
 Writes synthetic MOSEI-shaped shards (audio L ~ U{100..500} x 74, vision
 L ~ U{75..375} x 35, float16, as the builder writes them), then reads them
@@ -15,6 +16,11 @@ the shards were just written and are read once before timing.
 A second table does the same for the joint recipe's four-dataset mix (equal
 weights): MOSEI, SIMS-V2, MELD and CHERMA shapes (SHAPES below), where a
 CHERMA sample (about 0.9 MB) weighs fifteen MOSEI ones.
+
+A third table times one step of a loader worker per dataset shape: padding a
+batch's features straight into its shared-memory slot (what workers do,
+egmf/data/transport.py) against padding into fresh memory and copying that into
+the slot (median of several alternating rounds).
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
+from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 from results import add_json_argument, write_results
 
+from egmf.data.collate import collate_features
 from egmf.data.config import DataConfig
 from egmf.data.loader import TrainLoader
 from egmf.datasets import get_spec
@@ -151,6 +159,74 @@ def run(
     return rows
 
 
+def padding_cost(batch_size: int, rounds: int) -> list[dict]:
+    """Per dataset shape: ms to pad one batch's features into a shared-memory slot, directly and through fresh
+    memory plus a copy."""
+    rows = []
+    for dataset in SHAPES:
+        records = [ShapedRecords(batch_size, dataset)[i] for i in range(batch_size)]
+        audio = [r.audio.astype(np.float16) for r in records]
+        vision = [r.vision.astype(np.float16) for r in records]
+        padded = [batch_size * max(a.shape[0] for a in arrays) * arrays[0].shape[1] * 2 for arrays in (audio, vision)]
+        slot = SharedMemory(create=True, size=sum(padded))
+        try:
+            times = time_padding(audio, vision, slot, rounds)
+        finally:
+            slot.close()
+            slot.unlink()
+        into, copied = (float(np.median(times[name])) for name in ("into_slot", "then_copy"))
+        rows.append({"dataset": dataset, "mb": sum(padded) / 1e6, "into_slot_ms": into, "then_copy_ms": copied})
+    return rows
+
+
+class SlotViews:
+    """An `allocate` for collate: consecutive views into one shared-memory slot, from its start."""
+
+    def __init__(self, slot: SharedMemory):
+        self.slot, self.used = slot, 0
+
+    def __call__(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        view = np.ndarray(shape, dtype, buffer=self.slot.buf, offset=self.used)
+        self.used += view.nbytes
+        return view
+
+
+def time_padding(audio: list[np.ndarray], vision: list[np.ndarray], slot: SharedMemory, rounds: int) -> dict:
+    def into_slot():
+        views = SlotViews(slot)
+        for arrays in (audio, vision):
+            collate_features(arrays, 10**6, "uniform", views)
+
+    def then_copy():
+        views = SlotViews(slot)
+        for arrays in (audio, vision):
+            values = collate_features(arrays, 10**6, "uniform").values.numpy()
+            views(values.shape, values.dtype)[...] = values
+
+    times = {"into_slot": [], "then_copy": []}
+    for _ in range(rounds):
+        for step in (then_copy, into_slot):
+            start = time.perf_counter()
+            for _ in range(5):
+                step()
+            times[step.__name__].append((time.perf_counter() - start) / 5 * 1000)
+    return times
+
+
+def format_padding_table(rows: list[dict], batch_size: int) -> str:
+    lines = [
+        f"loader worker: padding one batch of {batch_size} into its shared-memory slot",
+        "| dataset | MB per batch | into the slot ms | fresh memory + copy ms | saved |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['dataset']} | {r['mb']:.2f} | {r['into_slot_ms']:.2f} | {r['then_copy_ms']:.2f} | "
+        f"{1 - r['into_slot_ms'] / r['then_copy_ms']:.0%} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], title: str, num_samples: int, batch_size: int) -> str:
     lines = [
         f"{title}: {num_samples} samples, batch {batch_size}, cpus {os.cpu_count()}",
@@ -168,22 +244,29 @@ def format_table(rows: list[dict], title: str, num_samples: int, batch_size: int
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=2000, help="MOSEI-shaped samples")
+    parser.add_argument("--samples", type=int, default=2000, help="MOSEI-shaped samples (0: skip)")
     parser.add_argument("--joint-samples", type=int, default=800, help="samples of the four-dataset mix (0: skip)")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-samples", type=int, default=250)
+    parser.add_argument("--padding-rounds", type=int, default=5, help="rounds of the padding table (0: skip)")
     add_json_argument(parser)
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
-    tables = {"mosei": run(args.samples, workers, args.batch_size, args.shard_samples, ["mosei"])}
-    print(format_table(tables["mosei"], "MOSEI-shaped", args.samples, args.batch_size))
+    tables = {}
+    if args.samples:
+        tables["mosei"] = run(args.samples, workers, args.batch_size, args.shard_samples, ["mosei"])
+        print(format_table(tables["mosei"], "MOSEI-shaped", args.samples, args.batch_size))
     if args.joint_samples:
         shard_samples = max(1, args.shard_samples // 4)  # CHERMA samples are large; several shards per set
         tables["joint"] = run(args.joint_samples, workers, args.batch_size, shard_samples, list(SHAPES))
         print()
         title = "joint mix (mosei, sims2, meld, cherma)"
         print(format_table(tables["joint"], title, args.joint_samples, args.batch_size))
+    if args.padding_rounds:
+        tables["padding"] = padding_cost(args.batch_size, args.padding_rounds)
+        print()
+        print(format_padding_table(tables["padding"], args.batch_size))
     write_results(args.json, tables)
     return tables
 

@@ -15,13 +15,19 @@ pytestmark = pytest.mark.slow
 
 def test_loader_bench_prints_a_table(tmp_path):
     args = ["--samples", "48", "--joint-samples", "32", "--workers", "0,1", "--batch-size", "8"]
-    args += ["--shard-samples", "16"]
+    args += ["--shard-samples", "16", "--padding-rounds", "1"]
     out, tables = run_bench("loader.py", args, tmp_path)
-    for rows in tables.values():
+    for name in ("mosei", "joint"):
+        rows = tables[name]
         assert [r["reader"] for r in rows] == ["raw bytes", "plain tarfile (ceiling)", "TrainLoader", "TrainLoader"]
         assert all(r["samples_s"] > 0 and r["ratio"] > 0 for r in rows)
     assert "| plain tarfile (ceiling) | - |" in out and "| TrainLoader | 1 |" in out and "peak RSS" in out
     assert "joint mix (mosei, sims2, meld, cherma): 32 samples" in out
+    padding = tables["padding"]
+    assert [r["dataset"] for r in padding] == ["mosei", "sims2", "meld", "cherma"]
+    assert all(r["into_slot_ms"] > 0 and r["then_copy_ms"] > 0 for r in padding)
+    assert padding[3]["mb"] > 10 * padding[0]["mb"]  # a CHERMA batch: 1024/2048-dim frames
+    assert "| cherma | " in out and "fresh memory + copy ms" in out
 
 
 def test_fusion_cost_bench_counts_params_and_flops(tmp_path):

@@ -85,6 +85,8 @@ def features_by_id(loader) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for batch in loader:
         for row, sample_id in enumerate(batch.ids):
             n_a, n_v = int(batch.audio.lengths[row]), int(batch.vision.lengths[row])
+            # padding is zero, also in a reused shared-memory slot that held a longer batch before
+            assert not batch.audio.values[row, n_a:].any() and not batch.vision.values[row, n_v:].any()
             out[sample_id] = (
                 batch.audio.values[row, :n_a].numpy().copy(),
                 batch.vision.values[row, :n_v].numpy().copy(),

@@ -13,6 +13,7 @@ survive; "head" keeps the first `max_frames` frames.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -23,6 +24,11 @@ from egmf.shards.format import Sample
 from egmf.shards.manifest import SplitManifest
 
 TRUNCATION_POLICIES = ("uniform", "head")
+
+FeatureAllocator = Callable[[tuple[int, ...], type], np.ndarray]
+"""Gives collate the array a modality's padded values go into, as `np.empty(shape, dtype)` does (the default).
+A loader worker passes one that hands out its shared-memory slot (egmf/data/transport.py), so a batch is padded
+straight into the memory it crosses to the training process in."""
 
 
 @dataclass
@@ -101,13 +107,15 @@ def truncate_frames(array: np.ndarray, max_frames: int, policy: str) -> np.ndarr
     return array[keep]
 
 
-def collate_features(arrays: list[np.ndarray], max_frames: int, policy: str) -> Features:
+def collate_features(
+    arrays: list[np.ndarray], max_frames: int, policy: str, allocate: FeatureAllocator = np.empty
+) -> Features:
     arrays = [truncate_frames(a, max_frames, policy) for a in arrays]
     lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
     max_len = int(lengths.max())
     # Each element is written once: the frames, then zeros after them (np.zeros would write every padded
-    # batch twice; CHERMA batches are about 17 MB).
-    values = np.empty((len(arrays), max_len, arrays[0].shape[1]), dtype=arrays[0].dtype)
+    # batch twice; CHERMA batches are about 17 MB). This also clears what a reused buffer held before.
+    values = allocate((len(arrays), max_len, arrays[0].shape[1]), arrays[0].dtype)
     for row, array in enumerate(arrays):
         values[row, : array.shape[0]] = array
         values[row, array.shape[0] :] = 0
@@ -130,6 +138,7 @@ def collate(
     max_vision_frames: int,
     truncation: str = "uniform",
     valid: list[bool] | None = None,
+    allocate: FeatureAllocator = np.empty,
 ) -> Batch:
     labels = [s.meta["label"] for s in samples]
     if not manifest.labeled:  # no targets: only decoding reads an unlabeled split
@@ -148,14 +157,14 @@ def collate(
         labels=labels,
         target=target,
         valid=torch.tensor(valid if valid is not None else [True] * len(samples), dtype=torch.bool),
-        audio=collate_features([s.audio for s in samples], max_audio_frames, truncation),
-        vision=collate_features([s.vision for s in samples], max_vision_frames, truncation),
+        audio=collate_features([s.audio for s in samples], max_audio_frames, truncation, allocate),
+        vision=collate_features([s.vision for s in samples], max_vision_frames, truncation, allocate),
     )
 
 
-def padding_batch(manifest: SplitManifest) -> Batch:
+def padding_batch(manifest: SplitManifest, allocate: FeatureAllocator = np.empty) -> Batch:
     """A one-sample batch with valid=False, for ranks that ran out of evaluation data."""
     label = None if not manifest.labeled else manifest.labels[0] if manifest.labels else 0.0
     meta = {"id": "", "text": "", "label": label}
     sample = Sample(meta, np.zeros((1, manifest.audio_dim), np.float16), np.zeros((1, manifest.vision_dim), np.float16))
-    return collate([sample], manifest, 1, 1, valid=[False])
+    return collate([sample], manifest, 1, 1, valid=[False], allocate=allocate)

@@ -14,9 +14,10 @@ same number of steps: ranks with fewer batches get padding batches.
 
 from __future__ import annotations
 
+import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from egmf.data.collate import collate
+from egmf.data.collate import FeatureAllocator, collate
 from egmf.data.tar_samples import BadSamples, decode_valid, read_shard
 from egmf.data.train_stream import StreamSettings
 from egmf.shards.manifest import SplitManifest
@@ -42,6 +43,7 @@ class EvalStream(IterableDataset):
     ):
         self.manifest, self.settings = manifest, settings
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        self.allocate_features: FeatureAllocator = np.empty  # a loader worker sets its shared-memory slots
 
     def __iter__(self):
         info = get_worker_info()
@@ -76,6 +78,13 @@ class EvalStream(IterableDataset):
 
     def _collate(self, samples, worker: int, bad: BadSamples):
         s = self.settings
-        batch = collate(samples, self.manifest, s.max_audio_frames, s.max_vision_frames, s.truncation)
+        batch = collate(
+            samples,
+            self.manifest,
+            s.max_audio_frames,
+            s.max_vision_frames,
+            s.truncation,
+            allocate=self.allocate_features,
+        )
         batch.loader_state = {"worker": worker, "bad_samples": bad.count}
         return batch

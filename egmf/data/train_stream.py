@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from egmf.data.collate import Batch, collate, padding_batch
+from egmf.data.collate import Batch, FeatureAllocator, collate, padding_batch
 from egmf.data.tar_samples import BadSamples, RawSample, decode_valid, read_shard
 from egmf.shards.manifest import SplitManifest
 
@@ -188,6 +188,7 @@ class TrainStream(IterableDataset):
         self.sequence_states, self.seed = sequence_states, seed
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.num_workers = max(1, num_workers)
+        self.allocate_features: FeatureAllocator = np.empty  # a loader worker sets its shared-memory slots
 
     @property
     def global_batch(self) -> int:
@@ -228,5 +229,7 @@ class TrainStream(IterableDataset):
             if sample is not None:
                 samples.append(sample)
         if not samples:
-            return padding_batch(manifest)
-        return collate(samples, manifest, s.max_audio_frames, s.max_vision_frames, s.truncation)
+            return padding_batch(manifest, self.allocate_features)
+        return collate(
+            samples, manifest, s.max_audio_frames, s.max_vision_frames, s.truncation, allocate=self.allocate_features
+        )

@@ -2,10 +2,11 @@
 
 Sending a batch through the DataLoader's result pipe costs about 4.6 ms per MB
 on a 2-core machine (pickle, pipe, unpickle), as much as making the batch
-(docs/benchmarks.md). Here each worker owns a ring of shared-memory slots: it
-writes the two large feature arrays into a free slot and sends only the small
-rest through the pipe; the training process copies the arrays out (one memcpy,
-so a batch stays valid however long it is kept) and hands the slot back.
+(docs/benchmarks.md). Here each worker owns a ring of shared-memory slots: its
+stream collates the two large feature arrays straight into a free slot (the
+stream's `allocate_features`), the worker sends only the small rest through the
+pipe, and the training process copies the arrays out (one memcpy, so a batch
+stays valid however long it is kept) and hands the slot back.
 
 Slots live for one pass over a DataLoader (`run_in_workers`) and are unlinked at
 its end, also when the consumer stops early, so no stale slot can outlive the
@@ -48,8 +49,9 @@ class _SlotRef:
     batch: Batch
     worker: int
     slot: int
-    audio_shape: tuple[int, ...]
-    vision_shape: tuple[int, ...]
+    audio: tuple[int, tuple[int, ...]]
+    """(byte offset in the slot, shape) of the audio values."""
+    vision: tuple[int, tuple[int, ...]]
 
 
 class _SlotRing:
@@ -66,6 +68,13 @@ class _SlotRing:
         start = slot * self.slot_bytes + offset
         return np.ndarray(shape, dtype=np.float16, buffer=self.memory.buf, offset=start)
 
+    def offset_in(self, slot: int, values: torch.Tensor) -> int:
+        """Where in `slot` these values lie (they were collated into it)."""
+        base = np.frombuffer(self.memory.buf, np.uint8).ctypes.data + slot * self.slot_bytes
+        offset = values.data_ptr() - base
+        assert 0 <= offset and offset + values.nbytes <= self.slot_bytes, "batch values are not in its slot"
+        return offset
+
     def release_worker(self) -> None:
         """Wake this ring's worker if it waits for a free slot, and tell it to stop (the consumer is done)."""
         self.free.put(None)
@@ -75,8 +84,38 @@ class _SlotRing:
         self.memory.unlink()
 
 
+class _ConsumerStopped(Exception):
+    """The training process stopped reading before the stream ended: the worker ends too."""
+
+
+class _SlotAllocator:
+    """A worker stream's `allocate_features`: a batch's padded arrays, one after the other, in one free slot."""
+
+    def __init__(self, ring: _SlotRing):
+        self.ring, self.slot, self.used = ring, None, 0
+
+    def __call__(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        assert np.dtype(dtype) == np.float16, f"features are float16, got {dtype}"
+        if self.slot is None:
+            slot = self.ring.free.get()  # blocks only while the consumer holds every slot
+            if slot is None:
+                raise _ConsumerStopped
+            self.slot, self.used = slot, 0
+        nbytes = math.prod(shape) * FEATURE_ITEMSIZE
+        assert self.used + nbytes <= self.ring.slot_bytes, "batch larger than max_batch_bytes"
+        view = self.ring.view(self.slot, self.used, shape)
+        self.used += nbytes
+        return view
+
+    def take_slot(self) -> int:
+        """The slot the last batch was collated into; the next batch gets another."""
+        assert self.slot is not None, "a batch that was not collated with the stream's allocate_features"
+        slot, self.slot = self.slot, None
+        return slot
+
+
 class _SlotStream(IterableDataset):
-    """Runs `inner` in a worker and sends its batches' features through that worker's slots."""
+    """Runs `inner` in a worker, collating its batches into that worker's slots."""
 
     def __init__(self, inner: IterableDataset, rings: list[_SlotRing]):
         self.inner, self.rings = inner, rings
@@ -84,20 +123,24 @@ class _SlotStream(IterableDataset):
     def __iter__(self):
         worker = get_worker_info().id
         ring = self.rings[worker]
-        for item in self.inner:
-            if not isinstance(item, Batch):
-                yield item
-                continue
-            audio, vision = item.audio.values.numpy(), item.vision.values.numpy()
-            assert audio.nbytes + vision.nbytes <= ring.slot_bytes, "batch larger than max_batch_bytes"
-            slot = ring.free.get()  # blocks only while the consumer holds every slot
-            if slot is None:  # the consumer stopped early: end here rather than wait to be killed
-                return
-            ring.view(slot, 0, audio.shape)[...] = audio
-            ring.view(slot, audio.nbytes, vision.shape)[...] = vision
-            empty = torch.empty(0, dtype=torch.float16)
-            light = replace(item, audio=replace(item.audio, values=empty), vision=replace(item.vision, values=empty))
-            yield _SlotRef(light, worker, slot, audio.shape, vision.shape)
+        allocate = _SlotAllocator(ring)
+        self.inner.allocate_features = allocate  # this worker's copy of the stream
+        try:
+            for item in self.inner:
+                if not isinstance(item, Batch):
+                    yield item
+                    continue
+                slot = allocate.take_slot()
+                audio, vision = item.audio.values, item.vision.values
+                where_audio = (ring.offset_in(slot, audio), tuple(audio.shape))
+                where_vision = (ring.offset_in(slot, vision), tuple(vision.shape))
+                empty = torch.empty(0, dtype=torch.float16)
+                light = replace(
+                    item, audio=replace(item.audio, values=empty), vision=replace(item.vision, values=empty)
+                )
+                yield _SlotRef(light, worker, slot, where_audio, where_vision)
+        except _ConsumerStopped:  # end here rather than wait to be killed
+            return
 
 
 def _copy_out(view: np.ndarray, pin: bool) -> torch.Tensor:
@@ -109,9 +152,8 @@ def _copy_out(view: np.ndarray, pin: bool) -> torch.Tensor:
 
 def _receive(ref: _SlotRef, rings: list[_SlotRing], pin: bool) -> Batch:
     ring = rings[ref.worker]
-    audio = _copy_out(ring.view(ref.slot, 0, ref.audio_shape), pin)
-    vision_offset = math.prod(ref.audio_shape) * FEATURE_ITEMSIZE
-    vision = _copy_out(ring.view(ref.slot, vision_offset, ref.vision_shape), pin)
+    audio = _copy_out(ring.view(ref.slot, *ref.audio), pin)
+    vision = _copy_out(ring.view(ref.slot, *ref.vision), pin)
     ring.free.put(ref.slot)
     batch = ref.batch
     return replace(batch, audio=replace(batch.audio, values=audio), vision=replace(batch.vision, values=vision))
