@@ -51,7 +51,8 @@ class FusionConfig:
     """Weight of the level-2 balance loss N·Σ M_i² over the mean gate M of the training mix (egmf/model/gates.py);
     0: off."""
     usage_momentum: float = 0.9
-    """Decay of each dataset's moving-average gate that the balance loss's mix mean M is made of."""
+    """Decay per optimizer step of each dataset's moving-average gate that the balance loss's mix mean M is made
+    of."""
     z_loss_coef: float = 1e-4
     """Weight of the level-2 router z-loss mean(logsumexp(logits)²) over centred logits (egmf/model/gates.py;
     ST-MoE); 0: off. Small on purpose: it only has to win where a saturated softmax passes no task gradient."""

@@ -203,8 +203,8 @@ class EGMFModel(nn.Module):
         return (token_losses.sum(1) / counts).cpu().tolist()
 
     def record_gate_usage(self, dataset: str, batch_mean: torch.Tensor | None) -> None:
-        """After a training batch: its mean level-2 gate, averaged over ranks by the caller, for the balance loss
-        (egmf.model.gates). Every rank must pass the same value."""
+        """After an optimizer step: its mean level-2 gate, averaged over micro-batches and ranks by the caller, for
+        the balance loss (egmf.model.gates). Every rank must pass the same value."""
         if self.fusion is not None and batch_mean is not None:
             self.fusion.record_gate_usage(dataset, batch_mean)
 

@@ -187,7 +187,8 @@ class FusionModule(nn.Module):
         return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates, aux)
 
     def record_gate_usage(self, dataset: str, batch_mean: torch.Tensor) -> None:
-        """After a training batch of `dataset`: its mean level-2 gate (over all ranks) for the balance loss."""
+        """After an optimizer step on `dataset`: its mean level-2 gate (over micro-batches and ranks) for the
+        balance loss."""
         self.gate.record_usage(self.datasets.index(self.front_of[dataset]), batch_mean)
 
     def set_training_progress(self, progress: float) -> None:

@@ -4,7 +4,7 @@
     schedule.update(cfg, progress=step / total_steps)
     weights, logits = expert_gate(pooled, context)            # level 2: [B, E] softmax over experts
     losses = expert_gate.aux_losses(weights, logits, dataset_index)   # {"balance": ..., "z": ...}, float32
-    expert_gate.record_usage(dataset_index, batch_mean)       # the mean over ranks, after each training batch
+    expert_gate.record_usage(dataset_index, step_mean)        # the mean over ranks, after each optimizer step
     out, gate = context_gate(x, update, context, mask)        # level 1: sigmoid per position and channel
 
 Level 1 (ContextGate, inside each expert, per modality): how much of the
@@ -34,8 +34,10 @@ collapse). Each counter-measure is a field of [fusion] and can be switched off:
   `usage_momentum`), with the current dataset's entry replaced by this batch's
   P, which carries the gradient. Experts are balanced across the mix, each
   dataset free to prefer its own. With one dataset, M = P: the batch form.
-  The averages are fed the batch mean over all ranks (`record_usage`), so every
-  rank holds the same ones and a resumed run continues exactly;
+  The averages are fed once per optimizer step, with the step's mean over its
+  micro-batches and all ranks (`record_usage`): every rank holds the same ones,
+  a resumed run continues exactly, and `usage_momentum` means the same per step
+  whatever the number of ranks and accumulated micro-batches;
 - router z-loss (level 2, `z_loss_coef`): the mean over samples of
   logsumexp(logits)², which keeps the logits small so that the softmax cannot
   saturate (ST-MoE: Zoph et al. 2022). The logits are centred (mean 0 per
@@ -161,8 +163,8 @@ class ExpertGate(nn.Module):
 
     @torch.no_grad()
     def record_usage(self, dataset_index: int, batch_mean: torch.Tensor) -> None:
-        """Fold one training batch's mean gate (the mean over ranks: every rank must hold the same averages) into
-        its dataset's moving average; a non-finite batch is left out."""
+        """Fold one optimizer step's mean gate (the mean over its micro-batches and ranks: every rank must hold the
+        same averages) into its dataset's moving average; a non-finite mean is left out."""
         if torch.isfinite(batch_mean).all():
             row = self.usage[dataset_index]
             row.mul_(self.usage_momentum).add_(batch_mean.to(row), alpha=1.0 - self.usage_momentum)

@@ -343,9 +343,10 @@ class Trainer:
         micro-batch skipped on every rank (a non-finite loss, or no good sample on some rank) adds zero gradient,
         so that each step uses its own samples and no other's."""
         self.engine.module.set_training_progress(self.state.step / self.total_steps)
+        gate_means = []  # each used micro-batch's mean level-2 gate over all ranks
         for _ in range(self.cfg.optim.grad_accum):
             batch = next(batches)
-            problem = self.forward_backward(batch, window)
+            problem = self.forward_backward(batch, window, gate_means)
             if problem:
                 self.backward_zero()
                 window.skipped += 1
@@ -361,16 +362,20 @@ class Trainer:
                     f"{self.state.step + 1}; the run is diverging. Lower optim.fusion_lr/optim.lora_lr, raise "
                     "optim.warmup_steps, or resume from an earlier checkpoint (checkpoint.resume=PATH)"
                 )
+        if gate_means:
+            # Once per step, with the step's mean over its micro-batches (all of one dataset): the balance loss's
+            # moving averages then move per step whatever grad_accum is, so also after a resume on other ranks.
+            self.engine.module.record_gate_usage(batch.dataset, torch.stack(gate_means).mean(0))
         self.state.step += 1
         window.steps += 1
 
-    def forward_backward(self, batch, window: Window) -> str:
+    def forward_backward(self, batch, window: Window, gate_means: list[torch.Tensor]) -> str:
         """'' after the backward; NON_FINITE or NO_SAMPLES (and no backward) when the loss is not finite, or the
         batch holds no good sample, on some rank: every rank skips it together.
 
         One all-reduce carries what the ranks must agree on: whether every loss is finite and every batch holds
-        samples, and the batch's mean level-2 gate over all ranks, which the balance loss keeps per dataset
-        (identical on every rank; every rank's batch of a step comes from the same dataset)."""
+        samples, and the batch's mean level-2 gate over all ranks, appended to `gate_means` for the balance loss,
+        which keeps it per dataset (identical on every rank; every batch of a step comes from the same dataset)."""
         out = self.engine(batch)
         finite = torch.isfinite(out.loss.detach()).float().reshape(1)
         has_samples = batch.valid.any().float().reshape(1).to(finite.device)
@@ -390,7 +395,7 @@ class Trainer:
             logger.warning("non-finite loss at step %d (%s batch); skipped", self.state.step + 1, batch.dataset)
             return NON_FINITE
         if out.expert_weights is not None:
-            self.engine.module.record_gate_usage(batch.dataset, stats[2:] / self.world.world_size)
+            gate_means.append(stats[2:] / self.world.world_size)
         self.engine.backward(out.loss)
         window.add_micro_batch(out, batch.dataset, int(batch.valid.sum()))
         return ""
