@@ -129,7 +129,7 @@ def unlink_cpu_allreduce_buffer(world: WorldInfo) -> None:
     """Unlink this rank's workspace as soon as every rank has mapped every other's: the mappings stay valid
     for the run, and the memory returns to the system when the last rank exits, however it exits. Left in
     /dev/shm, each run would keep world_size x 70 MB of RAM until the machine reboots."""
-    dist.barrier()  # DeepSpeed's initialize returns once this rank has opened all its peers' workspaces
+    barrier()  # DeepSpeed's initialize returns once this rank has opened all its peers' workspaces
     try:
         os.unlink(cpu_allreduce_buffer_path(world.rank))
     except FileNotFoundError:  # not created: ranks on several nodes, or a launcher without LOCAL_SIZE
