@@ -6,9 +6,7 @@
 
 Torch takes its default number of threads (the physical cores) unless
 OMP_NUM_THREADS says otherwise. Runs side by side that each take every core
-oversubscribe them. Measured on 2 cores, 200 steps: one run alone 39 s; two
-side by side with OMP_NUM_THREADS=1 44 s each; two with 2 threads each 576 s
-each.
+oversubscribe them and slow down many times over (figures: docs/benchmarks.md).
 
 The demo's labels live only in the audio + vision events and their timing, the
 text is uninformative (shards/README.md). Both variants train with the same
