@@ -58,7 +58,7 @@ mlflow-ui: $(STAMP)
 
 # On a GPU machine without network: `make gpu-check` installs the wheels of .whl/ (made here, with network, by
 # `make gpu-wheels`) into a temporary folder and runs every GPU stage with the machine's own python3 (torch,
-# transformers, peft). One results file: GPU_CHECK_OUT. About 8 minutes on one H100/H200.
+# transformers, peft). One results file: GPU_CHECK_OUT. About 5 minutes on one H200.
 GPU_PYTHON ?= python3
 WHEELS ?= .whl
 GPU_CHECK_OUT ?= gpu_check.json

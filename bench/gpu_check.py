@@ -8,7 +8,7 @@
 Made for a bare GPU machine that has torch, transformers and peft but not
 deepspeed, webdataset or mlflow: the wheels in --wheels are installed into a
 private folder (`pip --no-index`, nothing is downloaded) that every stage gets
-on its PYTHONPATH, with this checkout. About 8 minutes on one H100/H200.
+on its PYTHONPATH, with this checkout. About 5 minutes on one H200.
 
 Stages, each in its own process under its own time limit, each recorded even
 when it fails or is skipped (with the reason):
@@ -18,7 +18,9 @@ when it fails or is skipped (with the reason):
 3. parity       the flash-attn vs SDPA test in bf16 (`pytest -m gpu`), outputs and gradients;
 4. step         bench/gpu_step.py at the 7B shape: tokens/s, MFU, peak memory, per variant
                 (flash vs SDPA, gradient checkpointing, packing);
-5. train        launch/train.py on the demo for a few dozen steps, one process, bf16 on CUDA
+5. sweep        bench/gpu_sweep.py at the 7B shape: the same as the micro-batch grows, and the first row
+                without DeepSpeed (--plain);
+6. train        launch/train.py on the demo for a few dozen steps, one process, bf16 on CUDA
                 (MLflow when it is installed): loss, throughput, test metrics.
 
 The results file holds, per stage: status (ok, failed, skipped, timeout),
@@ -98,6 +100,16 @@ def parity(env: dict) -> dict:
     return result
 
 
+def gpu_sweep(env: dict, args: argparse.Namespace, folder: str) -> dict:
+    figures = os.path.join(folder, "gpu_sweep.json")
+    command = [sys.executable, "bench/gpu_sweep.py", "--shape", args.shape, "--device", args.device, "--plain"]
+    command += ["--steps", str(args.step_steps), "--warmup", str(args.step_warmup)]
+    command += ["--plan", args.sweep_plan] if args.sweep_plan else []
+    result = run_stage("sweep", command + ["--json", figures], env, timeout=args.step_timeout)
+    result["figures"] = _read_json(figures)
+    return result
+
+
 def gpu_step(env: dict, args: argparse.Namespace, folder: str) -> dict:
     figures = os.path.join(folder, "gpu_step.json")
     command = [sys.executable, "bench/gpu_step.py", "--shape", args.shape, "--device", args.device]
@@ -167,7 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=8, help="bench/gpu_step.py's batch")
     parser.add_argument("--step-steps", type=int, default=6, help="timed steps per gpu_step variant")
     parser.add_argument("--step-warmup", type=int, default=2)
-    parser.add_argument("--step-timeout", type=int, default=300)
+    parser.add_argument("--step-timeout", type=int, default=300, help="seconds, for the step and sweep stages each")
+    parser.add_argument("--sweep-plan", help="bench/gpu_sweep.py's GRAD_CKPT:BATCH rows (default: its own plan)")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--train-timeout", type=int, default=240)
     parser.add_argument(
@@ -183,6 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(environment(env))
         results.append(parity(env))
         results.append(gpu_step(env, args, folder))
+        results.append(gpu_sweep(env, args, folder))
         mlflow = str(results[1]["figures"].get("mlflow"))
         results.append(train(env, args, folder, mlflow[:1].isdigit()))
     for result in results:

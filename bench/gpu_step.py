@@ -155,19 +155,52 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(engine, batches, device, warmup: int) -> tuple[float, int]:
+def engine_step(engine):
+    """One training step on the engine, as a function of the batch that returns the LLM tokens it processed."""
+
+    def step(batch) -> int:
+        out = engine(batch)
+        engine.backward(out.loss)
+        engine.step()
+        return out.num_tokens
+
+    return step
+
+
+def time_steps(step, batches, device, warmup: int) -> tuple[float, int]:
     """(seconds per step after warm-up, LLM tokens per step)."""
     tokens = []
     for i, batch in enumerate(batches):
         if i == warmup:
             synchronize(device)
             start = time.perf_counter()
-        out = engine(batch)
-        engine.backward(out.loss)
-        engine.step()
-        tokens.append(out.num_tokens)
+        tokens.append(step(batch))
     synchronize(device)
     return (time.perf_counter() - start) / (len(batches) - warmup), int(np.mean(tokens[warmup:]))
+
+
+def settle(step, batches, device, steps: int) -> None:
+    """Untimed steps before the first timed ones. A fresh process's first steps pay once for the allocator's
+    growth, the GEMM heuristics and the optimizer's state: on an H200 the first 7B step ran about 6x and the next
+    two about 2x slower than the tenth, which a short per-variant warm-up charged to whichever variant ran first."""
+    for batch in itertools.islice(itertools.cycle(batches), steps):
+        step(batch)
+    synchronize(device)
+
+
+def profile_steps(step, batches, device, steps: int) -> str:
+    """torch.profiler over `steps` steps: the top operators by host time and, on a GPU, by device time (where a
+    step's time goes: a host-bound step shows launches and syncs on top, a device-bound one its GEMMs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch in batches[:steps]:
+            step(batch)
+        synchronize(device)
+    averages = prof.key_averages()
+    sort_keys = ["self_cpu_time_total"] + (["self_device_time_total"] if device.type == "cuda" else [])
+    return "\n".join(averages.table(sort_by=k, row_limit=20, max_name_column_width=60) for k in sort_keys)
 
 
 def fusion_seconds(model, batches, device, warmup: int) -> float:
@@ -200,7 +233,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each variant's timed ones")
+    parser.add_argument("--settle", type=int, default=5, help="untimed steps once, before the first variant")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many steps first (torch.profiler)")
     parser.add_argument("--pack-tokens", type=int, default=2048, help="prompt.pack_tokens of the packed variants")
     parser.add_argument("--max-audio", type=int, default=500)
     parser.add_argument("--max-vision", type=int, default=375)
@@ -235,11 +270,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     backends = ["flash", "sdpa"] if on_gpu and flash_attn_installed() else ["sdpa"]
     print(
         f"{args.shape} shape on {torch.cuda.get_device_name(device) if on_gpu else 'CPU'}, {dtype}, ZeRO-2 one rank, "
-        f"batch {args.batch_size}, {args.steps} steps after {args.warmup}; LLM {per_token:.3g} FLOP/token "
+        f"batch {args.batch_size}, {args.settle} settling steps, then per variant {args.steps} steps after "
+        f"{args.warmup}; LLM {per_token:.3g} FLOP/token "
         f"(4N_frozen + 6N_trainable), attention +{attention:.3g} FLOP/token"
     )
     if backends == ["sdpa"]:
         print("(flash-attn variants need CUDA and the flash-attn package: not run here)")
+    set_variant(model, backends[0], False, 0)
+    step = engine_step(engine)
+    settle(step, batches, device, args.settle)
+    if args.profile:
+        print(f"torch.profiler over {args.profile} steps ({backends[0]}, no checkpointing, no packing):")
+        print(profile_steps(step, batches, device, args.profile))
     print(
         "| experts + LLM attention | grad ckpt | packing | tokens/step | tokens/s | samples/s | MFU | MFU +attn "
         "| peak memory | fusion share |"
@@ -250,7 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         set_variant(model, backend, checkpointing, args.pack_tokens if packing else 0)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
-        seconds, tokens = time_steps(engine, batches, device, args.warmup)
+        seconds, tokens = time_steps(step, batches, device, args.warmup)
         fusion = fusion_seconds(engine.module, batches[: args.warmup + 2], device, min(args.warmup, 1))
         row = {
             "attention": backend,

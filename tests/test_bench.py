@@ -63,13 +63,35 @@ def test_overhead_bench_times_both_loops_on_two_ranks(tmp_path):
 def test_gpu_step_bench_runs_every_variant_on_a_tiny_cpu_shape(tmp_path):
     """On a CPU only the SDPA variants run (flash-attn needs CUDA); MFU needs a known peak, so none here."""
     args = ["--shape", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "3"]
-    out, rows = run_bench("gpu_step.py", args, tmp_path)
+    out, rows = run_bench("gpu_step.py", args + ["--settle", "1", "--profile", "1"], tmp_path)
     variants = [(r["checkpointing"], r["packing"]) for r in rows]
     assert variants == [(False, False), (False, True), (True, False), (True, True)]
     assert all(r["attention"] == "sdpa" and r["tokens_per_s"] > 0 and 0 < r["fusion_share"] for r in rows)
     assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"]  # packing changes the layout, not the tokens
     assert all(r["mfu"] is None for r in rows)
     assert "flash-attn variants need CUDA" in out and "| sdpa | on | on |" in out
+    assert "torch.profiler over 1 steps" in out and "Self CPU" in out  # the profile of the first variant
+
+
+def test_gpu_sweep_bench_times_each_row_and_the_plain_step(tmp_path):
+    """The plan's rows in order on one engine, after the first row timed without DeepSpeed (--plain)."""
+    args = ["--shape", "tiny", "--device", "cpu", "--plan", "off:2,on:3", "--steps", "2", "--warmup", "1"]
+    out, rows = run_bench("gpu_sweep.py", args + ["--settle", "1", "--plain"], tmp_path)
+    assert [(r["engine"], r["checkpointing"], r["batch_size"]) for r in rows] == [
+        ("plain", False, 2),
+        ("zero2", False, 2),
+        ("zero2", True, 3),
+    ]
+    assert not any(r["out_of_memory"] for r in rows) and all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] < rows[2]["tokens_per_step"]  # same batches
+    assert all(r["mfu"] is None and r["peak_gib"] is None for r in rows)  # no known peak, no CUDA memory
+    assert "| plain | off | 2 |" in out and "| zero2 | on | 3 |" in out
+
+
+def test_gpu_sweep_bench_rejects_a_bad_plan_row():
+    command = [sys.executable, "bench/gpu_sweep.py", "--device", "cpu", "--plan", "on:64,maybe:8"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "'maybe:8' is not GRAD_CKPT:BATCH (e.g. on:128)" in done.stderr
 
 
 def write_wheel(folder) -> str:
@@ -97,13 +119,13 @@ def test_gpu_check_runs_every_stage_and_records_each(tmp_path):
     small_eval = ["--data.eval=['demo_cls_en']", "--eval.splits=['test']", "--eval.select_split=test"]
     small_eval += ["--eval.modes=['constrained']"]
     args = ["--wheels", str(wheels), "--device", "cpu", "--shape", "tiny", "--batch-size", "3"]
-    args += ["--step-steps", "2", "--step-warmup", "1", "--train-steps", "2"]
+    args += ["--step-steps", "2", "--step-warmup", "1", "--sweep-plan", "off:2", "--train-steps", "2"]
     args += [f"--train-override={o}" for o in small_eval] + ["--out", str(tmp_path / "gpu_check.json")]
     command = [sys.executable, "bench/gpu_check.py", *args]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = {s["stage"]: s for s in json.load(open(tmp_path / "gpu_check.json"))["stages"]}
-    assert list(stages) == ["install", "environment", "parity", "step", "train"]
+    assert list(stages) == ["install", "environment", "parity", "step", "sweep", "train"]
     assert stages["install"]["status"] == "ok"
     assert stages["install"]["figures"]["wheels"] == ["gpu_check_probe-1.0-py3-none-any.whl"]
     environment = stages["environment"]["figures"]
@@ -112,6 +134,8 @@ def test_gpu_check_runs_every_stage_and_records_each(tmp_path):
     assert "needs a CUDA GPU" in stages["parity"]["output"]
     step = stages["step"]
     assert step["status"] == "ok" and len(step["figures"]) == 4 and all(r["tokens_per_s"] > 0 for r in step["figures"])
+    sweep = stages["sweep"]
+    assert sweep["status"] == "ok" and [r["engine"] for r in sweep["figures"]] == ["plain", "zero2"]
     train = stages["train"]["figures"]
     assert stages["train"]["status"] == "ok" and train["steps"] == 2 and train["samples_per_s_per_device"] > 0
     assert train["test_metrics"]["eval/test/demo_cls_en/constrained/samples"] == 128
