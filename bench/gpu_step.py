@@ -131,6 +131,34 @@ def set_variant(model, attention: str, checkpointing: bool, pack_tokens: int) ->
     model.prompts.cfg.pack_tokens = pack_tokens
 
 
+def start(shape: str, device_name: str, tokenizer: str | None = None):
+    """(model, device, dtype): the model of `shape` (SHAPES) on `device_name` in a one-rank process group, bf16 on
+    CUDA and float32 on a CPU; `tokenizer`: a tokenizer folder (default: the tiny test tokenizer, built here)."""
+    import tempfile
+
+    from egmf.distributed import WorldInfo, init_distributed
+    from egmf.model.tiny import build_tiny_llm
+
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    init_distributed(WorldInfo(0, 0, 1), device)
+    with tempfile.TemporaryDirectory() as folder:
+        model = build_model(SHAPES[shape], tokenizer or build_tiny_llm(folder), device, dtype)
+    return model, device, dtype
+
+
+def step_figures(seconds: float, tokens: int, batch_size: int, per_token: float, peak, device) -> dict:
+    """A timed step's throughput: tokens/s, samples/s, MFU (None without a known peak) and the peak memory since
+    the last reset (None off CUDA)."""
+    return {
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s": batch_size / seconds,
+        "mfu": per_token * tokens / seconds / peak if peak else None,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
 def engine_for(model, batch_size: int, bf16: bool):
     import deepspeed
 
@@ -244,20 +272,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_json_argument(parser)
     args = parser.parse_args(argv)
 
-    import tempfile
-
-    from egmf.distributed import WorldInfo, close_distributed, init_distributed
+    from egmf.distributed import close_distributed
     from egmf.model.attention import flash_attn_installed
-    from egmf.model.tiny import build_tiny_llm
     from egmf.train.throughput import llm_flops_per_token, peak_flops
 
-    device = torch.device(args.device)
+    model, device, dtype = start(args.shape, args.device, args.tokenizer)
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    init_distributed(WorldInfo(0, 0, 1), device)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = args.tokenizer or build_tiny_llm(folder)
-        model = build_model(SHAPES[args.shape], tokenizer, device, dtype)
     rng = np.random.default_rng(0)
     batches = [
         mosei_batch(rng, args.batch_size, args.max_audio, args.max_vision).to(device)
@@ -298,12 +318,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "attention": backend,
             "checkpointing": checkpointing,
             "packing": packing,
-            "tokens_per_step": tokens,
-            "tokens_per_s": tokens / seconds,
-            "samples_per_s": args.batch_size / seconds,
-            "mfu": per_token * tokens / seconds / peak if peak else None,
+            **step_figures(seconds, tokens, args.batch_size, per_token, peak, device),
             "mfu_attention": (per_token + attention) * tokens / seconds / peak if peak else None,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
             "fusion_share": fusion / seconds,
         }
         rows.append(row)

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
 import numpy as np
 import torch
-from gpu_step import SHAPES, build_model, engine_for, engine_step, mosei_batch, set_variant, settle, time_steps
+from gpu_step import SHAPES, engine_for, engine_step, mosei_batch, set_variant, settle, start, step_figures, time_steps
 from results import add_json_argument, write_results
 
 DEFAULT_PLAN = "on:64,off:32,on:128,off:64,on:256"
@@ -74,18 +73,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     plan = parse_plan(args.plan)
 
-    from egmf.distributed import WorldInfo, close_distributed, init_distributed
+    from egmf.distributed import close_distributed
     from egmf.model.attention import flash_attn_installed
-    from egmf.model.tiny import build_tiny_llm
     from egmf.train.throughput import llm_flops_per_token, peak_flops
 
-    device = torch.device(args.device)
+    model, device, dtype = start(args.shape, args.device)
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
     backend = "flash" if on_gpu and flash_attn_installed() else "sdpa"
-    init_distributed(WorldInfo(0, 0, 1), device)
-    with tempfile.TemporaryDirectory() as folder:
-        model = build_model(SHAPES[args.shape], build_tiny_llm(folder), device, dtype)
     peak, per_token = peak_flops(device, args.peak_tflops), llm_flops_per_token(model)
 
     def batches_of(size: int) -> list:
@@ -101,15 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             seconds, tokens = time_steps(step, batches_of(size), device, args.warmup)
         except torch.OutOfMemoryError:
             return row | {"out_of_memory": True}
-        return row | {
-            "out_of_memory": False,
-            "tokens_per_step": tokens,
-            "seconds_per_step": seconds,
-            "tokens_per_s": tokens / seconds,
-            "samples_per_s": size / seconds,
-            "mfu": per_token * tokens / seconds / peak if peak else None,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
-        }
+        figures = step_figures(seconds, tokens, size, per_token, peak, device)
+        return row | {"out_of_memory": False, "seconds_per_step": seconds, **figures}
 
     print(
         f"{args.shape} shape on {torch.cuda.get_device_name(device) if on_gpu else 'CPU'}, {dtype}, {backend}, "
