@@ -14,6 +14,7 @@ import torch
 
 from egmf.data.config import DataConfig
 from egmf.data.loader import EvalLoader
+from egmf.errors import ConfigError
 from egmf.model.config import FusionConfig, LLMConfig, LoraConfig, PromptConfig
 from egmf.model.decoding import greedy, score_candidates
 from egmf.model.egmf_model import EGMFModel
@@ -24,10 +25,10 @@ DIMS = {"demo_cls_en": (16, 12), "demo_cls_zh": (12, 20), "demo_reg_en": (16, 12
 K = 4
 
 
-def build_model(tiny_llm, checkpointing=False, text_only=False, lora=True) -> EGMFModel:
+def build_model(tiny_llm, checkpointing=False, text_only=False, lora=True, aligned=True) -> EGMFModel:
     torch.manual_seed(0)
     return EGMFModel.build(
-        FusionConfig(width=32, heads=4, num_pseudo_tokens=K, global_layers=1, dropout=0.0),
+        FusionConfig(width=32, heads=4, num_pseudo_tokens=K, global_layers=1, dropout=0.0, semantic_alignment=aligned),
         PromptConfig(text_only=text_only),
         LLMConfig(path=tiny_llm, gradient_checkpointing=checkpointing),
         LoraConfig(enabled=lora, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
@@ -345,6 +346,16 @@ def test_without_lora_only_the_fusion_module_trains(tiny_llm, demo_root, tmp_pat
     fresh.load_exported(str(tmp_path))
     for (name, a), b in zip(model.fusion.state_dict().items(), fresh.fusion.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_fusion_weights_of_another_config_say_which_field_to_set(tiny_llm, tmp_path):
+    """A model saved without the semantic expert's aligned path (the ablation, or a model from before it existed)
+    does not load into one built with it: the error names the field and the value that fits."""
+    build_model(tiny_llm, aligned=False).export(str(tmp_path))
+    with pytest.raises(ConfigError, match="fusion.semantic_alignment = false") as error:
+        build_model(tiny_llm).load_exported(str(tmp_path))
+    assert "fusion.safetensors" in str(error.value) and "experts.semantic.align" in str(error.value)
+    build_model(tiny_llm, aligned=False).load_exported(str(tmp_path))  # the fitting config loads
 
 
 def test_our_calls_raise_no_deprecation_warnings(tiny_llm, demo_root, caplog):

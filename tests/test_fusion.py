@@ -8,7 +8,7 @@ import torch
 from egmf.errors import ConfigError
 from egmf.model.attention import masked_attention, resolve_backend
 from egmf.model.config import FusionConfig
-from egmf.model.experts import GlobalExpert, LocalExpert, SemanticExpert
+from egmf.model.experts import GlobalExpert, LocalExpert, SemanticExpert, aligned_frames
 from egmf.model.fusion import FusionModule, check_feature_dims
 
 DIMS = {"demo_cls_en": (16, 12), "demo_reg_zh": (12, 20)}
@@ -152,6 +152,17 @@ def test_semantic_expert_links_modalities():
     after, _ = expert(xs, masks, context)
     changed = changed_positions(before, after)
     assert changed[0] == list(range(6)) and changed[1] == list(range(10))  # text and audio attend to vision
+
+
+def test_aligned_frames_are_the_other_modalitys_frames_at_the_same_relative_time():
+    y = torch.arange(1.0, 5.0)[None, :, None].expand(2, 4, 1)  # frame i holds i + 1
+    y_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    x_mask = torch.tensor([[True] * 7 + [False], [True, True] + [False] * 6])
+    found = aligned_frames(y, y_mask, x_mask)[..., 0]
+    # 7 frames against 3 on one clock (0 to 1): 0, 1/6, ..., 1 -> nearest of 0, 1/2, 1; padding stays zero
+    assert found[0].tolist() == [1, 1, 2, 2, 2, 3, 3, 0]
+    assert found[1].tolist() == [1, 1] + [0] * 6  # y's one frame is at every time; x's padding stays zero
+    assert aligned_frames(y, torch.zeros_like(y_mask), x_mask).abs().max() == 0  # y without frames: nothing found
 
 
 @pytest.mark.parametrize("scope", ["modality", "joint"])

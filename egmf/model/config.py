@@ -35,6 +35,10 @@ class FusionConfig:
     """What the global expert's self-attention spans. 'joint': the concatenated text+audio+vision sequence, which
     relates the modalities too (overlapping the semantic expert); 'modality': each modality's own sequence plus an
     utterance-context token, which leaves the cross-modal relations to the semantic expert (docs/model.md)."""
+    semantic_alignment: bool = True
+    """The semantic expert also reads the other modalities' frames at the same moment (the nearest frame on the
+    shared normalised clock) beside its cross-attention; false: cross-attention only (ablation, and models saved
+    before the aligned path existed)."""
     num_pseudo_tokens: int = 8
     """K: pseudo tokens handed to the LLM."""
     time_frequencies: int = 8

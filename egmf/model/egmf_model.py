@@ -255,4 +255,26 @@ class EGMFModel(nn.Module):
         if self.has_lora:
             set_peft_model_state_dict(self.llm, load_peft_weights(os.path.join(out_dir, ADAPTER_DIR)))
         if self.fusion is not None:
-            self.fusion.load_state_dict(load_file(os.path.join(out_dir, FUSION_WEIGHTS), device=str(self.device)))
+            path = os.path.join(out_dir, FUSION_WEIGHTS)
+            state = load_file(path, device=str(self.device))
+            check_fusion_weights(path, state, self.fusion)
+            self.fusion.load_state_dict(state)
+
+
+def check_fusion_weights(path: str, state: dict, fusion: FusionModule) -> None:
+    """Saved fusion weights must fit the module built from the config: say which config field differs, where known."""
+    missing = [k for k in fusion.state_dict() if k not in state]
+    unexpected = [k for k in state if k not in fusion.state_dict()]
+    if not missing and not unexpected:
+        return
+    aligned_path = [k for k in missing + unexpected if ".align." in k]
+    hint = (
+        f"set fusion.semantic_alignment = {str(bool(unexpected)).lower()} (the saved model was trained "
+        f"{'with' if unexpected else 'without'} the semantic expert's aligned path)"
+        if aligned_path
+        else "load it with the fusion config it was trained with"
+    )
+    raise ConfigError(
+        f"{path}: the saved fusion weights do not fit this model ({len(missing)} tensors missing, e.g. "
+        f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): {hint}"
+    )

@@ -74,14 +74,35 @@ class LocalExpert(nn.Module):
         return outs, torch.stack(gate_means, 1)
 
 
-class SemanticExpert(nn.Module):
-    """Cross-modal correlation: each modality attends to the other two, then an MLP over the frame and what it found."""
+def aligned_frames(y: torch.Tensor, y_mask: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
+    """The frame of y at each position of x on the shared normalised clock (0: first real frame, 1: last), the
+    nearest one: y [B, L_y, d] -> [B, L_x, d], zero at x's padding and where y has no frames."""
+    x_len, y_len = x_mask.sum(1, keepdim=True), y_mask.sum(1, keepdim=True)
+    t = torch.arange(x_mask.shape[1], device=x_mask.device)[None, :] / (x_len - 1).clamp(min=1)
+    index = (t * (y_len - 1).clamp(min=0)).round().long().clamp(max=y.shape[1] - 1)
+    found = torch.gather(y, 1, index[..., None].expand(-1, -1, y.shape[-1]))
+    return found * (x_mask & (y_len > 0))[..., None].to(y.dtype)
 
-    def __init__(self, width, heads, dropout, backend: str, schedule: GateSchedule | None = None, gated: bool = True):
+
+class SemanticExpert(nn.Module):
+    """Cross-modal correlation: each modality attends to the other two, and sees their frames at its own time
+    (aligned), then an MLP over the frame and what it found."""
+
+    def __init__(
+        self,
+        width,
+        heads,
+        dropout,
+        backend: str,
+        schedule: GateSchedule | None = None,
+        gated: bool = True,
+        aligned: bool = True,
+    ):
         super().__init__()
         schedule = schedule or GateSchedule()
         self.norm = nn.LayerNorm(width)
         self.attn = nn.ModuleList(MultiHeadAttention(width, heads, backend) for _ in range(3))
+        self.align = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(3)) if aligned else None
         self.mlp = FeedForward(width, dropout)
         self.gates = nn.ModuleList(ContextGate(width, schedule, gated) for _ in range(3))
 
@@ -95,6 +116,10 @@ class SemanticExpert(nn.Module):
             # A pre-LN cross-attention block: the MLP sees the frame itself (its content and time) next to what it
             # found in the other modalities, so it can relate the two (which came first, whether they agree).
             h = x + self.attn[m](normed[m], mask, y, y_mask)
+            # The same moment in the other modalities, aligned on the shared clock: attention finds related content
+            # wherever it is, this finds what happens at the same time (an event seen and heard at once).
+            if self.align is not None:
+                h = h + self.align[m](torch.cat([aligned_frames(normed[i], masks[i], mask) for i in others], -1))
             h = h + self.mlp(h)
             out, g = self.gates[m](x, h - x, context, mask)
             outs.append(out)

@@ -143,7 +143,9 @@ class FusionModule(nn.Module):
         gated = cfg.inner_gating
         builders = {
             "local": lambda: LocalExpert(d, cfg.local_kernel, cfg.dropout, self.schedule, gated),
-            "semantic": lambda: SemanticExpert(d, cfg.heads, cfg.dropout, cfg.attention, self.schedule, gated),
+            "semantic": lambda: SemanticExpert(
+                d, cfg.heads, cfg.dropout, cfg.attention, self.schedule, gated, cfg.semantic_alignment
+            ),
             "global": lambda: GlobalExpert(
                 d, cfg.heads, cfg.global_layers, cfg.dropout, cfg.attention, self.schedule, gated, cfg.global_scope
             ),
