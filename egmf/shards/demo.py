@@ -16,10 +16,13 @@ planted, and which expert it is designed for (shards/README.md says the same):
   frames is what a short temporal convolution sees, and what attention over a
   clock normalised to the clip (1/16 of it at its finest) barely resolves.
   Vision holds a distractor event.
-- demo_cls_zh, cross-modal SEMANTIC correlation: one event in each modality
-  (audio pattern A_a, vision a distractor pattern; 3 frames, strength 5) at
-  least 0.25 of the clip apart. Class = 2 a + (audio event first). Audio alone
-  knows a, not the order; the order is a relation between the modalities.
+- demo_cls_zh, cross-modal SEMANTIC correlation: four audio events, two of
+  pattern A0 and two of A1 in random order (3 frames each, strength 5, at least
+  0.18 of the clip apart), and one vision event V_v (one frame) at the time of
+  one of them. Class = 2 v + the pattern of the audio event seen at the same
+  time. Vision alone knows v; audio alone gives even odds on the rest, and no
+  summary of either modality on its own (which patterns, their mean times)
+  says which audio event the vision event coincides with.
 - demo_reg_en, GLOBAL context: score = 3 alpha, alpha ~ U(-1, 1), carried by a
   weak drift 0.8 alpha along one direction on every frame of both modalities
   (a single frame's signal is below its noise; the whole utterance's average is
@@ -46,10 +49,13 @@ EVENT_FRAMES = 3
 MOTIF_FRAMES = 3
 """Frames of each half of a local motif: P P Q Q or Q Q P P."""
 MIN_EVENT_GAP = 0.25
+COINCIDENCE_EVENTS = 4
+COINCIDENCE_GAP = 0.18
+"""demo_cls_zh: audio events (two of each pattern) and the least relative time between two of them."""
 
 DRIFT = 0.8
 
-DEMO_DESIGN = 2
+DEMO_DESIGN = 3
 """Written into each demo manifest (`source.design`); raise it when a change alters the samples, so that
 existing demo shards are rebuilt (egmf/demo_assets.py) instead of trained on as if they were the new ones."""
 
@@ -120,13 +126,24 @@ def event_times(rng: np.random.Generator) -> tuple[float, float]:
             return float(p_a), float(p_v)
 
 
-def cross_modal_order(rng, audio, vision, patterns) -> int:
-    """demo_cls_zh: class 2 a + (the audio event comes before the vision event)."""
-    a = int(rng.integers(0, 2))
-    p_a, p_v = event_times(rng)
-    add_event(audio, patterns["audio"][a], p_a, STRENGTH, EVENT_FRAMES)
-    add_event(vision, patterns["vision"][rng.integers(0, 2)], p_v, STRENGTH, EVENT_FRAMES)
-    return 2 * a + int(p_a < p_v)
+def spaced_times(rng: np.random.Generator, count: int, gap: float, low: float = 0.08, high: float = 0.92):
+    """`count` sorted relative times in [low, high], neighbours at least `gap` apart (uniform spacings)."""
+    slack = np.sort(rng.uniform(0.0, high - low - gap * (count - 1), size=count))
+    return low + slack + gap * np.arange(count)
+
+
+def coinciding_event(rng, audio, vision, patterns) -> int:
+    """demo_cls_zh: class 2 v + the pattern of the audio event at the vision event's time.
+
+    Audio holds four events, two of each pattern, in random order; vision holds one event (pattern V_v) at the
+    time of one of them. Vision alone knows v; audio alone gives even odds between its two patterns."""
+    times = spaced_times(rng, COINCIDENCE_EVENTS, COINCIDENCE_GAP)
+    kinds = rng.permutation([0, 0, 1, 1])
+    for time, kind in zip(times, kinds, strict=True):
+        add_event(audio, patterns["audio"][kind], time, STRENGTH, EVENT_FRAMES)
+    v, chosen = int(rng.integers(0, 2)), int(rng.integers(0, COINCIDENCE_EVENTS))
+    add_event(vision, patterns["vision"][v], times[chosen], STRENGTH, 1)
+    return 2 * v + int(kinds[chosen])
 
 
 def global_drift(rng, audio, vision, patterns) -> float:
@@ -150,7 +167,7 @@ def timed_strength(rng, audio, vision, patterns) -> float:
 
 PLANTERS = {
     "demo_cls_en": local_motif,
-    "demo_cls_zh": cross_modal_order,
+    "demo_cls_zh": coinciding_event,
     "demo_reg_en": global_drift,
     "demo_reg_zh": timed_strength,
 }
