@@ -2,6 +2,7 @@
 
     python bench/ablations.py                                  # every variant, the demo recipe's schedule
     python bench/ablations.py --variants full,no_local --steps 400 --work-dir /tmp/ablations
+    python bench/ablations.py --jobs 2                         # two variants at a time, the cores split between them
     (the same command again reuses every variant already trained in --work-dir with the same settings)
 
 Each variant is `launch/train.py` on the embedded demo recipe (one CPU
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from results import add_json_argument, write_results
 
@@ -45,7 +47,8 @@ VARIANTS = {
     "no_semantic": ["--fusion.experts=['local', 'global']"],
     "no_global": ["--fusion.experts=['local', 'semantic']"],
     "uniform_gate": ["--fusion.gating=uniform"],
-    "modality_global": ["--fusion.global_scope=modality"],
+    "joint_global": ["--fusion.global_scope=joint"],
+    "no_alignment": ["--fusion.semantic_alignment=false"],
     "no_level1_gate": ["--fusion.inner_gating=false"],
     "no_gate_regularisation": GATE_OFF,
     "two_pseudo_tokens": ["--fusion.num_pseudo_tokens=2"],
@@ -69,7 +72,7 @@ def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse
     if seconds is None:  # not trained yet with this command: train it (a rerun reuses the finished variants)
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=variant_env(args.jobs))
         if done.returncode != 0:
             raise RuntimeError(f"variant {name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         seconds = time.perf_counter() - start
@@ -84,6 +87,15 @@ def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse
         "scores": {d: metrics[f"eval/test/{d}/constrained/{HEADLINE[d]}"] for d in DATASETS},
         "gates": designed_gates(rows),
     }
+
+
+def variant_env(jobs: int) -> dict[str, str]:
+    """With several variants training at once, each takes its share of the cores: torch's default (every core per
+    process) oversubscribes them and slows every run down many times over (docs/benchmarks.md)."""
+    env = dict(os.environ)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
 
 
 def finished_seconds(out: str, command: list[str]) -> float | None:
@@ -130,21 +142,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=1600, help="optimizer steps per variant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained at the same time (the cores are split)")
     parser.add_argument("--work-dir", help="shards, tiny LLM and runs go here (default: a temporary folder)")
     parser.add_argument("--override", action="append", default=[], help="--section.key=value for every variant")
     add_json_argument(parser)
     args = parser.parse_args(argv)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    names = args.variants.split(",")
+    unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or scratch
         splits = [(d, s) for d in DATASETS for s in ("train", "valid", "test")]
         build_demo_assets(os.path.join(work_dir, "shards"), splits, os.path.join(work_dir, "tiny-llm"))
-        rows = []
-        for name in args.variants.split(","):
-            rows.append(train_variant(name, VARIANTS[name], work_dir, args))
-            print(f"{name}: {rows[-1]['scores']} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            running = [pool.submit(train_variant, name, VARIANTS[name], work_dir, args) for name in names]
+            rows = []
+            for future in running:  # in the order asked for, whichever finishes first
+                rows.append(future.result())
+                print(f"{rows[-1]['variant']}: {rows[-1]['scores']} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
     print(format_table(rows, args.steps))
     write_results(args.json, rows)
     return rows

@@ -143,9 +143,19 @@ def test_gpu_check_runs_every_stage_and_records_each(tmp_path):
 
 
 def test_ablations_bench_trains_each_variant_and_tables_it(tmp_path):
-    """Two steps per variant: the table has the full model on top, a score per demo set, and the designed
-    experts' gates where a learned gate exists (text only has no fusion, so no gate)."""
-    args = ["--variants", "full,no_local,text_only", "--steps", "2", "--work-dir", str(tmp_path / "work")]
+    """Two steps per variant, two variants at a time: the table has the full model on top and the variants in the
+    order asked for, a score per demo set, and the designed experts' gates where a learned gate exists (text only
+    has no fusion, so no gate)."""
+    args = [
+        "--variants",
+        "full,no_local,text_only",
+        "--steps",
+        "2",
+        "--jobs",
+        "2",
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     out, rows = run_bench("ablations.py", args, tmp_path, timeout=900)
     assert [r["variant"] for r in rows] == ["full", "no_local", "text_only"]
     for row in rows:
