@@ -18,6 +18,7 @@ the level-2 gate each set gave its designed expert; figures: docs/model.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -68,15 +69,16 @@ def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse
     command += ["--eval.every=0", "--eval.splits=['test']", "--eval.select_split=test", "--eval.modes=['constrained']"]
     command += ["--checkpoint.every=0", "--mlflow.system_metrics=false", f"--data.num_workers={args.num_workers}"]
     command += [f"--train.seed={args.seed}", f"--data.seed={args.seed}", *args.override, *overrides]
-    seconds = finished_seconds(out, command)
-    if seconds is None:  # not trained yet with this command: train it (a rerun reuses the finished variants)
+    code = code_fingerprint()
+    seconds = finished_seconds(out, command, code)
+    if seconds is None:  # not trained yet with this command and code: train it (a rerun reuses the finished ones)
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=variant_env(args.jobs))
         if done.returncode != 0:
             raise RuntimeError(f"variant {name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         seconds = time.perf_counter() - start
-        write_json(os.path.join(out, VARIANT_RECORD), {"command": command, "seconds": seconds})
+        write_json(os.path.join(out, VARIANT_RECORD), {"command": command, "code": code, "seconds": seconds})
     with open(os.path.join(out, "final_metrics.json")) as f:
         metrics = json.load(f)["last"]
     with open(os.path.join(out, "predictions", "final", "test.jsonl")) as f:
@@ -98,14 +100,29 @@ def variant_env(jobs: int) -> dict[str, str]:
     return env
 
 
-def finished_seconds(out: str, command: list[str]) -> float | None:
-    """The training time of a variant already trained in `out` with exactly this command, else None."""
+def code_fingerprint() -> str:
+    """sha256 over the trainer's code and recipes: a variant trained before any of them changed (the model, the
+    demo's design, the recipe the command leaves implicit) is trained again, not reported as today's."""
+    digest = hashlib.sha256()
+    for folder, suffixes in (("egmf", (".py",)), ("launch", (".py", ".toml"))):
+        for root, dirs, files in sorted(os.walk(os.path.join(REPO, folder))):
+            dirs.sort()
+            for name in sorted(f for f in files if f.endswith(suffixes)):
+                path = os.path.join(root, name)
+                digest.update(os.path.relpath(path, REPO).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+def finished_seconds(out: str, command: list[str], code: str) -> float | None:
+    """The training time of a variant already trained in `out` with exactly this command and code, else None."""
     try:
         with open(os.path.join(out, VARIANT_RECORD)) as f:
             record = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-    return record["seconds"] if record.get("command") == command else None
+    return record["seconds"] if record.get("command") == command and record.get("code") == code else None
 
 
 def designed_gates(rows: list[dict]) -> dict[str, dict[str, float]]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -168,3 +169,20 @@ def test_ablations_bench_trains_each_variant_and_tables_it(tmp_path):
     assert table[0].startswith("| variant |") and table[1].startswith("| full |") and table[3].startswith("| text_only")
     _, again = run_bench("ablations.py", args, tmp_path, timeout=300)  # a rerun reuses the finished variants
     assert again == rows
+
+
+def test_ablations_reuse_a_finished_variant_only_for_the_same_command_and_code(tmp_path, monkeypatch):
+    """A variant trained before the model, the demo or a recipe changed is trained again, never reported as
+    today's (the command alone does not show a change of code or of the recipe it leaves implicit)."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import ablations
+
+    code, command = ablations.code_fingerprint(), ["python", "launch/train.py", "--train.steps=2"]
+    assert len(code) == 64 and ablations.code_fingerprint() == code
+    record = tmp_path / ablations.VARIANT_RECORD
+    record.write_text(json.dumps({"command": command, "code": code, "seconds": 5.0}))
+    assert ablations.finished_seconds(str(tmp_path), command, code) == 5.0
+    assert ablations.finished_seconds(str(tmp_path), command, "0" * 64) is None
+    assert ablations.finished_seconds(str(tmp_path), [*command, "--train.seed=1"], code) is None
+    record.write_text(json.dumps({"command": command, "seconds": 5.0}))  # written before the code was recorded
+    assert ablations.finished_seconds(str(tmp_path), command, code) is None
