@@ -59,16 +59,18 @@ def test_shapes_and_gate_sums():
         assert gates.shape == (2, 3) and ((gates > 0) & (gates < 1)).all()
 
 
-def test_padding_values_never_change_a_result():
-    model = build()
+@pytest.mark.parametrize("aligned", [False, True])
+def test_padding_values_never_change_a_result(aligned):
+    model = build(semantic_alignment=aligned)
     clean = model(**inputs(pad_value=None))
     noisy = model(**inputs(pad_value=1e3))
     torch.testing.assert_close(clean.pseudo_tokens, noisy.pseudo_tokens, rtol=0, atol=1e-5)
     torch.testing.assert_close(clean.expert_weights, noisy.expert_weights, rtol=0, atol=1e-6)
 
 
-def test_a_sample_gives_the_same_output_alone_or_batched():
-    model = build()
+@pytest.mark.parametrize("aligned", [False, True])
+def test_a_sample_gives_the_same_output_alone_or_batched(aligned):
+    model = build(semantic_alignment=aligned)
     together = model(**inputs(lengths=((5, 15, 6), (3, 9, 4))))
     alone = model(**inputs(lengths=((5, 15, 6),)))
     torch.testing.assert_close(together.pseudo_tokens[0], alone.pseudo_tokens[0], rtol=0, atol=1e-5)

@@ -106,6 +106,6 @@ def test_plan_on_the_command_line_and_a_degenerate_run_refused(capsys, train_sha
     # a real run: refused with the same reasons before any process group, nothing written
     out = tmp_path / "out"
     argv = [f"--data.root={train_shards}", f"--llm.path={tiny_llm}", f"--train.output_dir={out}", "--train.steps=8"]
-    assert main(argv) == 2  # the demo recipe evaluates every 400 steps: never, in 8
-    assert "no validation before the end: evaluation every 400 steps, but the run is 8 steps" in capsys.readouterr().err
+    assert main(argv) == 2  # the demo recipe evaluates every 500 steps: never, in 8
+    assert "no validation before the end: evaluation every 500 steps, but the run is 8 steps" in capsys.readouterr().err
     assert not out.exists()

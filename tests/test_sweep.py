@@ -92,7 +92,7 @@ def test_a_sweep_without_finished_seeds_and_a_clash_are_refused(tmp_path, capsys
     assert sweep_main(["--seeds=1,x", f"--train.output_dir={root}"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
     other = str(tmp_path / "other")
-    assert sweep_main(["--seeds=1", f"--train.output_dir={other}", "--train.steps=8"]) == 2  # eval every 400 steps
+    assert sweep_main(["--seeds=1", f"--train.output_dir={other}", "--train.steps=8"]) == 2  # eval every 500 steps
     assert "degenerate schedule" in capsys.readouterr().err and not os.path.exists(other)
     assert sweep_main(["--task", f"{other}:0"]) == 2  # an array task of a sweep that was never started
     assert "no sweep.json in" in capsys.readouterr().err

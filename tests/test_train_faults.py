@@ -34,7 +34,7 @@ def args(shards: str, llm: str, out: str, *extra: str) -> list[str]:
         "--eval.modes=['constrained']",
         "--eval.batch_size=24",
         "--checkpoint.every=4",
-        "--eval.every=0",  # the demo recipe's 400 would never come in 8 steps: a degenerate schedule
+        "--eval.every=0",  # the demo recipe's 500 would never come in 8 steps: a degenerate schedule
         "--optim.warmup_steps=2",
         "--mlflow.system_metrics=false",
         *extra,

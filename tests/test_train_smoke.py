@@ -24,7 +24,7 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
             f"--llm.path={tiny_llm}",
             f"--train.output_dir={out}",
             "--train.steps=2",
-            "--eval.every=0",  # the demo recipe's 400 would never come: a degenerate schedule
+            "--eval.every=0",  # the demo recipe's 500 would never come: a degenerate schedule
             "--train.log_every=1",
             "--data.batch_size=4",
             "--optim.global_batch=8",  # one process: 2 micro-batches per step
@@ -50,7 +50,7 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     assert (engine_state["global_steps"], engine_state["global_samples"]) == (2, 16)
     assert engine_state["lr_scheduler"]["last_epoch"] == 2
     saved = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step_"))
-    assert saved == ["step_00000001", "step_00000002"]  # step 1: by the clock (the recipe saves every 400 steps)
+    assert saved == ["step_00000001", "step_00000002"]  # step 1: by the clock (the recipe saves every 500 steps)
     final = json.load(open(os.path.join(out, "final_metrics.json")))
     assert final["step"] == 2 and final["best_step"] == 2
     assert final["last"]["eval/test/demo_cls_en/constrained/samples"] == 24

@@ -35,10 +35,11 @@ class FusionConfig:
     """What the global expert's self-attention spans. 'joint': the concatenated text+audio+vision sequence, which
     relates the modalities too (overlapping the semantic expert); 'modality': each modality's own sequence plus an
     utterance-context token, which leaves the cross-modal relations to the semantic expert (docs/model.md)."""
-    semantic_alignment: bool = True
+    semantic_alignment: bool = False
     """The semantic expert also reads the other modalities' frames at the same moment (the nearest frame on the
-    shared normalised clock) beside its cross-attention; false: cross-attention only (ablation, and models saved
-    before the aligned path existed)."""
+    shared normalised clock) beside its cross-attention. Off by default: it is what lets the demo's coincidence set
+    be learned, but in bench/learn_demo.py's smaller configuration it kept both sets from being learned
+    (docs/model.md); the demo recipe turns it on."""
     num_pseudo_tokens: int = 8
     """K: pseudo tokens handed to the LLM."""
     time_frequencies: int = 8

@@ -96,7 +96,7 @@ class SemanticExpert(nn.Module):
         backend: str,
         schedule: GateSchedule | None = None,
         gated: bool = True,
-        aligned: bool = True,
+        aligned: bool = False,
     ):
         super().__init__()
         schedule = schedule or GateSchedule()
