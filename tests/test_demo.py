@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 from egmf.data.tar_samples import BadSamples, decode_valid, read_shard
-from egmf.shards.demo import COINCIDENCE_GAP, EVENT_FRAMES, demo_patterns
+from egmf.shards.demo import COINCIDENCE_GAP, EVENT_FRAMES, demo_patterns, frame_at
 from egmf.shards.manifest import load_manifest
 
 
@@ -59,9 +59,9 @@ def find_event(features: np.ndarray, patterns: np.ndarray) -> tuple[int, float]:
 
 
 def event_pattern_at(features: np.ndarray, patterns: np.ndarray, position: float) -> int:
-    """The pattern of the 3-frame event centred nearest the relative `position`."""
-    center = int(round(position * (len(features) - 1)))
-    window = features[max(center - 1, 0) : center + 2]
+    """The pattern of the event planted at the relative `position` (its frames as the planter places them)."""
+    start = frame_at(position, len(features), EVENT_FRAMES)
+    window = features[start : start + EVENT_FRAMES]
     return int(np.argmax((window @ patterns.T).sum(0)))
 
 

@@ -263,8 +263,9 @@ class EGMFModel(nn.Module):
 
 def check_fusion_weights(path: str, state: dict, fusion: FusionModule) -> None:
     """Saved fusion weights must fit the module built from the config: say which config field differs, where known."""
-    missing = [k for k in fusion.state_dict() if k not in state]
-    unexpected = [k for k in state if k not in fusion.state_dict()]
+    expected = fusion.state_dict().keys()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if not missing and not unexpected:
         return
     aligned_path = [k for k in missing + unexpected if ".align." in k]

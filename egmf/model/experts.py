@@ -74,12 +74,18 @@ class LocalExpert(nn.Module):
         return outs, torch.stack(gate_means, 1)
 
 
+def normalised_time(mask: torch.Tensor) -> torch.Tensor:
+    """The clock every modality shares: 0 at the first real frame, 1 at the last ([B, L] mask -> [B, L] float).
+    Frame-rate free, so audio and vision sampled at different rates line up."""
+    lengths = mask.sum(1, keepdim=True).clamp(min=2) - 1
+    return torch.arange(mask.shape[1], device=mask.device)[None, :] / lengths
+
+
 def aligned_frames(y: torch.Tensor, y_mask: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
-    """The frame of y at each position of x on the shared normalised clock (0: first real frame, 1: last), the
-    nearest one: y [B, L_y, d] -> [B, L_x, d], zero at x's padding and where y has no frames."""
-    x_len, y_len = x_mask.sum(1, keepdim=True), y_mask.sum(1, keepdim=True)
-    t = torch.arange(x_mask.shape[1], device=x_mask.device)[None, :] / (x_len - 1).clamp(min=1)
-    index = (t * (y_len - 1).clamp(min=0)).round().long().clamp(max=y.shape[1] - 1)
+    """The frame of y at each position of x on the shared normalised clock, the nearest one:
+    y [B, L_y, d] -> [B, L_x, d], zero at x's padding and where y has no frames."""
+    y_len = y_mask.sum(1, keepdim=True)
+    index = (normalised_time(x_mask) * (y_len - 1).clamp(min=0)).round().long().clamp(max=y.shape[1] - 1)
     found = torch.gather(y, 1, index[..., None].expand(-1, -1, y.shape[-1]))
     return found * (x_mask & (y_len > 0))[..., None].to(y.dtype)
 

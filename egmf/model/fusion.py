@@ -23,7 +23,14 @@ from torch import nn
 
 from egmf.errors import ConfigError, DataError
 from egmf.model.config import FusionConfig
-from egmf.model.experts import GlobalExpert, LocalExpert, MultiHeadAttention, SemanticExpert, masked_mean
+from egmf.model.experts import (
+    GlobalExpert,
+    LocalExpert,
+    MultiHeadAttention,
+    SemanticExpert,
+    masked_mean,
+    normalised_time,
+)
 from egmf.model.gates import ExpertGate, GateSchedule
 
 MODALITIES = ("text", "audio", "vision")
@@ -51,9 +58,7 @@ class TimeEncoding(nn.Module):
         self.proj = nn.Linear(2 * num_frequencies, width)
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
-        lengths = mask.sum(1, keepdim=True).clamp(min=2) - 1
-        t = torch.arange(mask.shape[1], device=mask.device)[None, :] / lengths  # [B, L]
-        angles = t[..., None] * self.frequencies
+        angles = normalised_time(mask)[..., None] * self.frequencies
         return self.proj(torch.cat([angles.sin(), angles.cos()], -1).to(self.proj.weight.dtype))
 
 

@@ -138,7 +138,7 @@ def coinciding_event(rng, audio, vision, patterns) -> int:
     Audio holds four events, two of each pattern, in random order; vision holds one event (pattern V_v) at the
     time of one of them. Vision alone knows v; audio alone gives even odds between its two patterns."""
     times = spaced_times(rng, COINCIDENCE_EVENTS, COINCIDENCE_GAP)
-    kinds = rng.permutation([0, 0, 1, 1])
+    kinds = rng.permutation(np.repeat([0, 1], COINCIDENCE_EVENTS // 2))
     for time, kind in zip(times, kinds, strict=True):
         add_event(audio, patterns["audio"][kind], time, STRENGTH, EVENT_FRAMES)
     v, chosen = int(rng.integers(0, 2)), int(rng.integers(0, COINCIDENCE_EVENTS))
