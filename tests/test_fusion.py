@@ -8,8 +8,8 @@ import torch
 from egmf.errors import ConfigError
 from egmf.model.attention import masked_attention, resolve_backend
 from egmf.model.config import FusionConfig
-from egmf.model.experts import GlobalExpert, LocalExpert, SemanticExpert, aligned_frames
-from egmf.model.fusion import FusionModule, check_feature_dims
+from egmf.model.experts import GlobalExpert, LocalExpert, SemanticExpert, aligned_frames, masked_mean
+from egmf.model.fusion import FusionModule, check_feature_dims, unit_rms
 
 DIMS = {"demo_cls_en": (16, 12), "demo_reg_zh": (12, 20)}
 LLM_HIDDEN = 48
@@ -59,18 +59,18 @@ def test_shapes_and_gate_sums():
         assert gates.shape == (2, 3) and ((gates > 0) & (gates < 1)).all()
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_padding_values_never_change_a_result(aligned):
-    model = build(semantic_alignment=aligned)
+@pytest.mark.parametrize("aligned,normalised", [(False, False), (True, False), (True, True)])
+def test_padding_values_never_change_a_result(aligned, normalised):
+    model = build(semantic_alignment=aligned, normalised_updates=normalised)
     clean = model(**inputs(pad_value=None))
     noisy = model(**inputs(pad_value=1e3))
     torch.testing.assert_close(clean.pseudo_tokens, noisy.pseudo_tokens, rtol=0, atol=1e-5)
     torch.testing.assert_close(clean.expert_weights, noisy.expert_weights, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_a_sample_gives_the_same_output_alone_or_batched(aligned):
-    model = build(semantic_alignment=aligned)
+@pytest.mark.parametrize("aligned,normalised", [(False, False), (True, False), (True, True)])
+def test_a_sample_gives_the_same_output_alone_or_batched(aligned, normalised):
+    model = build(semantic_alignment=aligned, normalised_updates=normalised)
     together = model(**inputs(lengths=((5, 15, 6), (3, 9, 4))))
     alone = model(**inputs(lengths=((5, 15, 6),)))
     torch.testing.assert_close(together.pseudo_tokens[0], alone.pseudo_tokens[0], rtol=0, atol=1e-5)
@@ -104,6 +104,33 @@ def test_uniform_gating_and_expert_ablations():
     assert only_global.expert_weights.shape == (2, 1) and set(only_global.inner_gates) == {"global"}
     torch.testing.assert_close(only_global.expert_weights, torch.ones(2, 1))
     assert not torch.allclose(only_global.pseudo_tokens, build()(**inputs()).pseudo_tokens)
+
+
+@pytest.mark.parametrize("normalised", [False, True])
+def test_with_normalised_updates_an_expert_cannot_outweigh_the_others_by_growing(normalised):
+    """The local expert's update made 10 times larger: with normalised updates the fused sequence (and so the
+    pseudo tokens) stay the same under a fixed gate, only the gate can give an expert more say; without, they move."""
+    model = build(gating="uniform", normalised_updates=normalised)
+    before = model(**inputs()).pseudo_tokens
+    with torch.no_grad():
+        for mlp in model.experts["local"].mlps:  # each modality's MLP output layer: the update is linear in it
+            mlp[-1].weight.mul_(10)
+            mlp[-1].bias.mul_(10)
+    after = model(**inputs()).pseudo_tokens
+    assert torch.allclose(before, after, atol=1e-5) == normalised
+
+
+def test_unit_rms_scales_each_sample_over_its_real_positions():
+    update = torch.randn(2, 5, 4) * torch.tensor([3.0, 0.1])[:, None, None]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    update = update * mask[..., None]
+    scaled = unit_rms(update, mask)
+    mean_square = masked_mean(scaled.pow(2).mean(-1, keepdim=True), mask)
+    torch.testing.assert_close(mean_square, torch.ones(2, 1), atol=1e-3, rtol=0)
+    assert (scaled[0, 3:] == 0).all()  # padding stays zero
+    ratio = scaled[mask] / update[mask]  # [8 real positions, 4]: one factor per sample, so where it acts is kept
+    assert torch.allclose(ratio[:3], ratio[0, 0]) and torch.allclose(ratio[3:], ratio[3, 0])
+    assert ratio[0, 0] < 1 < ratio[3, 0]
 
 
 def test_pseudo_tokens_are_distinct_and_scaled_like_llm_embeddings():

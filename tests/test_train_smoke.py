@@ -77,6 +77,9 @@ def test_main_trains_evaluates_saves_and_tracks_two_steps(train_shards, tiny_llm
     assert abs(sum(metrics[f"gate/argmax_share/{e}"] for e in experts) - 1) < 1e-5
     assert all(0 < metrics[f"gate_l1/{e}/{m}"] < 1 for e in experts for m in ("text", "audio", "vision"))
     assert metrics["train/aux/balance"] >= 1.0 and metrics["train/aux/z"] >= 0
+    # the task loss per dataset of the last window: the window's loss is their mean over its micro-batches
+    assert {m for m in metrics if m.startswith("train/loss/")} == {f"train/loss/{d}" for d in trained}
+    assert min(metrics[f"train/loss/{d}"] for d in trained) <= metrics["train/loss"] + 1e-9
     assert abs(sum(metrics[f"gate_eval/test/demo_cls_en/{e}"] for e in experts) - 1) < 1e-5
     assert metrics["data/text_truncated/demo_cls_en/train"] == 0.0  # counted at the start (demo texts are short)
     assert "plots/gates_test.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -40,6 +40,11 @@ class FusionConfig:
     shared normalised clock) beside its cross-attention. Off by default: it is what lets the demo's coincidence set
     be learned, but in bench/learn_demo.py's smaller configuration it kept both sets from being learned
     (docs/model.md); the demo recipe turns it on."""
+    normalised_updates: bool = False
+    """Each expert's update (its output minus its input) is scaled to RMS 1 per sample before the level-2 gate
+    mixes them, and the mix times one learned scale shared by the experts is added to the input. An expert then
+    cannot outweigh the others by growing its own output: the gate's weights are the experts' real shares of the
+    fused update. False: the updates are mixed as they come (docs/model.md)."""
     num_pseudo_tokens: int = 8
     """K: pseudo tokens handed to the LLM."""
     time_frequencies: int = 8

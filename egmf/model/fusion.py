@@ -161,6 +161,10 @@ class FusionModule(nn.Module):
             d, len(cfg.experts), cfg.gating == "dynamic", self.schedule, len(self.datasets), cfg.usage_momentum
         )
         self.pseudo = PseudoTokens(d, cfg.heads, cfg.num_pseudo_tokens, llm_hidden, llm_embed_rms, cfg.attention)
+        # Shape [1] for DeepSpeed (as PseudoTokens.scale). 0.5: at initialisation the experts' updates are 0.1-0.35
+        # of RMS against 1.25 for the input (demo shapes, width 128), so this starts the fused update of the same
+        # order as the input's, below it.
+        self.update_scale = nn.Parameter(torch.full((1,), 0.5)) if cfg.normalised_updates else None
 
     def forward(
         self,
@@ -181,15 +185,17 @@ class FusionModule(nn.Module):
             for i, (x, mask) in enumerate(zip(raw, masks, strict=True))
         ]
         context = self.context(torch.cat([masked_mean(x, m) for x, m in zip(xs, masks, strict=True)], -1))
-        all_mask = torch.cat(masks, 1)
-        outputs, inner_gates, pooled = [], {}, []
+        x_all, all_mask = torch.cat(xs, 1), torch.cat(masks, 1)
+        updates, inner_gates, pooled = [], {}, []
         for name, expert in self.experts.items():
             out, inner_gates[name] = expert(xs, masks, context)
             out = torch.cat(out, 1)
-            outputs.append(out)
             pooled.append(masked_mean(out, all_mask))
+            updates.append(unit_rms(out - x_all, all_mask) if self.update_scale is not None else out - x_all)
         weights, logits = self.gate(torch.stack(pooled, 1), context)
-        fused = torch.einsum("be,beld->bld", weights.to(outputs[0].dtype), torch.stack(outputs, 1))
+        # The gate's weights sum to one, so mixing the experts' outputs x + u_i is x + the mix of their updates.
+        mixed = torch.einsum("be,beld->bld", weights.to(x_all.dtype), torch.stack(updates, 1))
+        fused = x_all + (mixed * self.update_scale if self.update_scale is not None else mixed)
         aux = self.gate.aux_losses(weights, logits, self.datasets.index(dataset))
         return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates, aux)
 
@@ -215,6 +221,13 @@ class FusionModule(nn.Module):
                 f"the model expects {expected[0]} / {expected[1]}; rebuild the shards or the model "
                 "config so they agree"
             )
+
+
+def unit_rms(update: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """update [B, L, d] scaled per sample to RMS 1 over its real positions and channels (padding stays zero).
+    Per sample, not per position: where in the sequence an expert acts (its level-1 gates) is kept."""
+    mean_square = masked_mean(update.float().pow(2).mean(-1, keepdim=True), mask)  # [B, 1]
+    return update * mean_square.add(1e-6).rsqrt()[:, :, None].to(update.dtype)
 
 
 def shared_front_end_problems(shared: dict[str, str], feature_dims: dict[str, tuple[int, int]]) -> list[str]:

@@ -52,6 +52,9 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
 class Window:
     """Sums over the optimizer steps since the last log line, on this rank; `metrics` averages them over ranks.
 
+    `train/loss/DATASET`: the task loss per dataset of the mix, so that a set stuck on a plateau shows while it
+    trains, not only at the next evaluation.
+
     Gate telemetry per micro-batch (natural-log entropies: ln 3 = 1.10 is a uniform gate over three experts):
     `gate/EXPERT` and `gate/DATASET/EXPERT` (mean level-2 weight), `gate/entropy_mean` (mean per-sample entropy),
     `gate/entropy_batch` (entropy of the batch-mean gate), `gate/argmax_share/EXPERT` (share of samples whose
@@ -61,7 +64,7 @@ class Window:
     def __init__(self, expert_names: list[str], datasets: list[str]):
         self.expert_names = list(expert_names)
         # Every rank reduces the same vector, so its layout is fixed here, not by what a window happened to see.
-        keys = ["train/loss", "train/aux/balance", "train/aux/z"]
+        keys = ["train/loss", "train/aux/balance", "train/aux/z"] + [f"train/loss/{d}" for d in datasets]
         if self.expert_names:
             keys += [f"gate/{e}" for e in self.expert_names] + ["gate/entropy_mean", "gate/entropy_batch"]
             keys += [f"gate/argmax_share/{e}" for e in self.expert_names]
@@ -87,6 +90,7 @@ class Window:
         self.samples += samples
         self.tokens += out.num_tokens
         self.add("train/loss", out.task_loss.item())
+        self.add(f"train/loss/{dataset}", out.task_loss.item())
         for name, value in out.aux_losses.items():
             self.add(f"train/aux/{name}", value.item())
         if out.expert_weights is None:
