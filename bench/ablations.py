@@ -50,6 +50,7 @@ VARIANTS = {
     "uniform_gate": ["--fusion.gating=uniform"],
     "joint_global": ["--fusion.global_scope=joint"],
     "no_alignment": ["--fusion.semantic_alignment=false"],
+    "raw_updates": ["--fusion.normalised_updates=false"],
     "no_level1_gate": ["--fusion.inner_gating=false"],
     "no_gate_regularisation": GATE_OFF,
     "two_pseudo_tokens": ["--fusion.num_pseudo_tokens=2"],
