@@ -25,10 +25,11 @@ DIMS = {"demo_cls_en": (16, 12), "demo_cls_zh": (12, 20), "demo_reg_en": (16, 12
 K = 4
 
 
-def build_model(tiny_llm, checkpointing=False, text_only=False, lora=True, aligned=True) -> EGMFModel:
+def build_model(tiny_llm, checkpointing=False, text_only=False, lora=True, aligned=True, normalised=False) -> EGMFModel:
     torch.manual_seed(0)
+    fusion = dict(width=32, heads=4, num_pseudo_tokens=K, global_layers=1, dropout=0.0)
     return EGMFModel.build(
-        FusionConfig(width=32, heads=4, num_pseudo_tokens=K, global_layers=1, dropout=0.0, semantic_alignment=aligned),
+        FusionConfig(**fusion, semantic_alignment=aligned, normalised_updates=normalised),
         PromptConfig(text_only=text_only),
         LLMConfig(path=tiny_llm, gradient_checkpointing=checkpointing),
         LoraConfig(enabled=lora, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
@@ -356,6 +357,10 @@ def test_fusion_weights_of_another_config_say_which_field_to_set(tiny_llm, tmp_p
         build_model(tiny_llm).load_exported(str(tmp_path))
     assert "fusion.safetensors" in str(error.value) and "experts.semantic.align" in str(error.value)
     build_model(tiny_llm, aligned=False).load_exported(str(tmp_path))  # the fitting config loads
+    build_model(tiny_llm, normalised=True).export(str(tmp_path))  # both fields differ: both are named
+    with pytest.raises(ConfigError, match="fusion.normalised_updates = true") as error:
+        build_model(tiny_llm, aligned=False).load_exported(str(tmp_path))
+    assert "fusion.semantic_alignment = true" in str(error.value)
 
 
 def test_our_calls_raise_no_deprecation_warnings(tiny_llm, demo_root, caplog):

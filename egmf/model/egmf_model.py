@@ -261,6 +261,13 @@ class EGMFModel(nn.Module):
             self.fusion.load_state_dict(state)
 
 
+SWITCHED_WEIGHTS = {
+    ".align.": ("semantic_alignment", "the semantic expert's aligned path"),
+    "update_scale": ("normalised_updates", "normalised expert updates"),
+}
+"""Fusion weights that exist only with a config switch on: key fragment -> (fusion field, what it is)."""
+
+
 def check_fusion_weights(path: str, state: dict, fusion: FusionModule) -> None:
     """Saved fusion weights must fit the module built from the config: say which config field differs, where known."""
     expected = fusion.state_dict().keys()
@@ -268,14 +275,16 @@ def check_fusion_weights(path: str, state: dict, fusion: FusionModule) -> None:
     unexpected = [k for k in state if k not in expected]
     if not missing and not unexpected:
         return
-    aligned_path = [k for k in missing + unexpected if ".align." in k]
-    hint = (
-        f"set fusion.semantic_alignment = {str(bool(unexpected)).lower()} (the saved model was trained "
-        f"{'with' if unexpected else 'without'} the semantic expert's aligned path)"
-        if aligned_path
-        else "load it with the fusion config it was trained with"
-    )
+    hints = []
+    for fragment, (field_name, what) in SWITCHED_WEIGHTS.items():
+        saved_with = any(fragment in k for k in unexpected)
+        if saved_with or any(fragment in k for k in missing):
+            hints.append(
+                f"set fusion.{field_name} = {str(saved_with).lower()} (the saved model was trained "
+                f"{'with' if saved_with else 'without'} {what})"
+            )
     raise ConfigError(
         f"{path}: the saved fusion weights do not fit this model ({len(missing)} tensors missing, e.g. "
-        f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): {hint}"
+        f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): "
+        + ("; ".join(hints) or "load it with the fusion config it was trained with")
     )

@@ -488,7 +488,9 @@ class Trainer:
             if tag == "final":
                 self.tracker.set_tags({"eval_samples": sample_counts(all_metrics)})
             write_evaluation(os.path.join(self.output_dir, PREDICTIONS, tag), all_rows, all_metrics)
-            logger.info("%s at step %d: %s", tag, self.state.step, headline(by_split, self.cfg.eval.select_mode))
+            # the best model is an earlier step's weights, evaluated now: say which step they are
+            what = f"best model (step {self.state.best_step})" if tag == "best" else f"{tag} at step {self.state.step}"
+            logger.info("%s: %s", what, headline(by_split, self.cfg.eval.select_mode))
         return by_split, all_rows, all_metrics
 
     def evaluate_model_in_training(self, tag: str, splits: list[str]) -> dict:
