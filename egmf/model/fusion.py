@@ -191,11 +191,14 @@ class FusionModule(nn.Module):
             out, inner_gates[name] = expert(xs, masks, context)
             out = torch.cat(out, 1)
             pooled.append(masked_mean(out, all_mask))
-            updates.append(unit_rms(out - x_all, all_mask) if self.update_scale is not None else out - x_all)
+            update = out - x_all
+            updates.append(unit_rms(update, all_mask) if self.update_scale is not None else update)
         weights, logits = self.gate(torch.stack(pooled, 1), context)
         # The gate's weights sum to one, so mixing the experts' outputs x + u_i is x + the mix of their updates.
         mixed = torch.einsum("be,beld->bld", weights.to(x_all.dtype), torch.stack(updates, 1))
-        fused = x_all + (mixed * self.update_scale if self.update_scale is not None else mixed)
+        if self.update_scale is not None:
+            mixed = mixed * self.update_scale
+        fused = x_all + mixed
         aux = self.gate.aux_losses(weights, logits, self.datasets.index(dataset))
         return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates, aux)
 

@@ -89,8 +89,9 @@ class Window:
         self.micro_batches += 1
         self.samples += samples
         self.tokens += out.num_tokens
-        self.add("train/loss", out.task_loss.item())
-        self.add(f"train/loss/{dataset}", out.task_loss.item())
+        loss = out.task_loss.item()  # one device sync, not one per key
+        self.add("train/loss", loss)
+        self.add(f"train/loss/{dataset}", loss)
         for name, value in out.aux_losses.items():
             self.add(f"train/aux/{name}", value.item())
         if out.expert_weights is None:
