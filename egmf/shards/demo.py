@@ -4,7 +4,7 @@ Four sets, each with train/valid/test: demo_cls_en, demo_cls_zh (4 emotion
 classes: neutral, joy, sadness, anger) and demo_reg_en, demo_reg_zh (scores in
 [-3, 3] and [-1, 1]). Built in seconds; the embedded default for the main job
 and the tests. Every feature value starts i.i.d. N(0, 1); audio has
-La ~ U{24..64} frames, vision Lv ~ U{8..24} (dims: en audio 16 / vision 12, zh
+La ~ U{24..64} frames, vision Lv ~ U{16..32} (dims: en audio 16 / vision 12, zh
 12 / 20). Patterns are orthonormal unit vectors drawn per set. The text is a
 sentence drawn from a fixed pool, independent of the label. How each label is
 planted, and which expert it is designed for (shards/README.md says the same):
@@ -43,7 +43,9 @@ from egmf.shards.writer import ShardLimits, write_split
 
 DIMS = {"en": (16, 12), "zh": (12, 20)}
 AUDIO_FRAMES = (24, 64)
-VISION_FRAMES = (8, 24)
+VISION_FRAMES = (16, 32)
+"""At least 16: with 8 a vision frame spans 1/7 of the clip, close to COINCIDENCE_GAP, and the coincidence set's
+errors all came from clips of 8-15 vision frames (docs/model.md)."""
 STRENGTH = 5.0
 EVENT_FRAMES = 3
 MOTIF_FRAMES = 3
@@ -55,7 +57,7 @@ COINCIDENCE_GAP = 0.18
 
 DRIFT = 0.8
 
-DEMO_DESIGN = 3
+DEMO_DESIGN = 4
 """Written into each demo manifest (`source.design`); raise it when a change alters the samples, so that
 existing demo shards are rebuilt (egmf/demo_assets.py) instead of trained on as if they were the new ones."""
 
