@@ -11,9 +11,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(1200)  # ~4 min alone on 2 cores; leave room for a slower or busier machine
 def test_fusion_learns_where_text_alone_cannot(tmp_path):
-    # Seed 1: in 1500 steps the class set is learned or not depending on the seed (docs/model.md: of seeds 0-2,
-    # seed 0 stays at one class); the regression assertions hold for all three
-    args = ["--steps", "1500", "--seed", "1", "--work-dir", str(tmp_path)]
+    # Seed 0: in 1500 steps the class set is learned or not depending on the seed (docs/model.md: of seeds 0-2,
+    # seed 1 stays near one class and seed 2 learns half of it); the regression assertions hold for all three
+    args = ["--steps", "1500", "--seed", "0", "--work-dir", str(tmp_path)]
     _, outcome = run_bench("learn_demo.py", args, tmp_path, timeout=1150)
     fusion, text_only = outcome["EGMF (fusion)"]["results"], outcome["text-only"]["results"]
     for mode in ("generate", "constrained"):
