@@ -186,3 +186,13 @@ def test_ablations_reuse_a_finished_variant_only_for_the_same_command_and_code(t
     assert ablations.finished_seconds(str(tmp_path), [*command, "--train.seed=1"], code) is None
     record.write_text(json.dumps({"command": command, "seconds": 5.0}))  # written before the code was recorded
     assert ablations.finished_seconds(str(tmp_path), command, code) is None
+
+
+def test_reader_probe_trains_both_readers_on_every_set(tmp_path):
+    out, rows = run_bench("reader_probe.py", ["--steps", "3", "--train-size", "64"], tmp_path)
+    assert [r["set"] for r in rows] == ["drift", "level", "pair"]
+    for row in rows:
+        assert row["median_mae"] > 0.9  # no set can be answered by a constant, and each by its rule
+        assert row["rule_mae"] < {"drift": 0.6, "level": 0.05, "pair": 0.1}[row["set"]], row
+        assert all(0 < row[reader]["mae"] < 10 for reader in ("pseudo_tokens", "with_global"))
+    assert "| level |" in out and "+ global expert |" in out

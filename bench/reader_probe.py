@@ -1,0 +1,229 @@
+"""What the pseudo-token stage reads from a clip by itself, and what the global expert adds to it.
+
+    python bench/reader_probe.py                          # three sets x two readers, 2000 steps each, ~10 min
+    python bench/reader_probe.py --sets level --steps 500 # a quick look at one set
+
+The pseudo-token stage (K learned queries attending over the fused sequence) is
+a reader of the whole clip in its own right: any average over the clip, and many
+functions of such averages, reach the LLM through it without the global expert.
+This probe measures that on audio-only synthetic sets, with the model's own parts
+(front end, time encoding, local and global experts, pseudo tokens) and a small
+MLP over the K tokens in place of the LLM, trained on the score with a squared
+error:
+
+- drift: a weak trend along one direction over the whole clip (an aggregate);
+- level: three marked events, each above or below the level that its clip holds
+  on every other frame; score = events above minus events below (each event
+  against its clip);
+- pair: six marked events with random directions; score +1 when two of them share
+  a direction, -1 when none do (a relation between distant frames whose content
+  changes from clip to clip, which no fixed query can pick out).
+
+Readers: the local expert and the pseudo tokens, and the same with the global
+expert beside the local one (their outputs averaged: a uniform level-2 gate).
+Prints test MAE per set and reader next to always answering the median and to
+the rule that answers the set by hand from its frames (the best a reader can do);
+figures are recorded in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+from results import add_json_argument, write_results
+from torch import nn
+
+from egmf.model.experts import GlobalExpert, LocalExpert, masked_mean
+from egmf.model.fusion import FrontEnd, PseudoTokens, TimeEncoding
+
+FRAMES, DIM = 32, 16
+LEVEL_AXIS, MARKER_AXIS = 0, 1  # the two fixed directions of the feature space; the rest carry content
+
+
+def random_directions(count: int, gen: torch.Generator) -> torch.Tensor:
+    """Unit vectors in the content dimensions (orthogonal to the level and marker axes)."""
+    d = torch.randn(count, DIM, generator=gen)
+    d[:, [LEVEL_AXIS, MARKER_AXIS]] = 0
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def event_positions(count: int, gap: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` frames at least `gap` apart."""
+    slots = torch.randperm(FRAMES // gap, generator=gen)[:count]
+    return slots * gap + torch.randint(0, gap, (count,), generator=gen).clamp(max=gap - 1)
+
+
+def drift_clip(gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    score = float(torch.empty(()).uniform_(-3, 3, generator=gen))
+    clip = torch.randn(FRAMES, DIM, generator=gen)
+    clip[:, LEVEL_AXIS] += score * torch.linspace(-0.5, 0.5, FRAMES)
+    return clip, score
+
+
+def level_clip(gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    clip = 0.3 * torch.randn(FRAMES, DIM, generator=gen)
+    level = float(torch.empty(()).uniform_(-2, 2, generator=gen))
+    clip[:, LEVEL_AXIS] += level
+    positions = event_positions(3, 8, gen)
+    above = torch.rand(3, generator=gen) < 0.5
+    offsets = torch.empty(3).uniform_(0.5, 2.0, generator=gen) * torch.where(above, 1.0, -1.0)
+    clip[positions, MARKER_AXIS] += 3.0
+    clip[positions, LEVEL_AXIS] = level + offsets
+    return clip, float(above.sum() - (~above).sum())
+
+
+def pair_clip(gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    clip = 0.3 * torch.randn(FRAMES, DIM, generator=gen)
+    directions = random_directions(6, gen)
+    shared = bool(torch.rand((), generator=gen) < 0.5)
+    if shared:
+        first, second = torch.randperm(6, generator=gen)[:2].tolist()
+        directions[second] = directions[first]
+    positions = event_positions(6, 5, gen)
+    clip[positions] += 3.0 * directions
+    clip[positions, MARKER_AXIS] += 3.0
+    return clip, 1.0 if shared else -1.0
+
+
+SETS = {"drift": drift_clip, "level": level_clip, "pair": pair_clip}
+
+
+# The rules that answer each set from the frames by hand: the best a reader can do, and a check that each set's
+# score is carried by the frames the way its description says.
+def drift_rule(clips: torch.Tensor) -> torch.Tensor:
+    """The least-squares trend along the level axis (the noise of the frames leaves it about 0.5 off)."""
+    ramp = torch.linspace(-0.5, 0.5, FRAMES)
+    return clips[..., LEVEL_AXIS] @ ramp / ramp.pow(2).sum()
+
+
+def marked(clips: torch.Tensor) -> torch.Tensor:
+    return clips[..., MARKER_AXIS] > 1.5  # events carry 3 on the marker axis; other frames noise of 0.3
+
+
+def level_rule(clips: torch.Tensor) -> torch.Tensor:
+    events = marked(clips)
+    level = (clips[..., LEVEL_AXIS] * ~events).sum(1) / (~events).sum(1)
+    offsets = torch.where(events, clips[..., LEVEL_AXIS] - level[:, None], 0.0)
+    return ((offsets > 0).sum(1) - (offsets < 0).sum(1)).float()
+
+
+def pair_rule(clips: torch.Tensor) -> torch.Tensor:
+    events = clips[marked(clips)].view(len(clips), -1, DIM).clone()
+    events[..., [LEVEL_AXIS, MARKER_AXIS]] = 0
+    content = events / events.norm(dim=-1, keepdim=True)
+    closest = (content @ content.transpose(1, 2) - 2 * torch.eye(events.shape[1])).amax((1, 2))
+    return torch.where(closest > 0.75, 1.0, -1.0)
+
+
+RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule}
+
+
+def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    clips, scores = zip(*(SETS[name](gen) for _ in range(size)), strict=True)
+    return torch.stack(clips), torch.tensor(scores)
+
+
+class Reader(nn.Module):
+    """Audio-only fusion: front end + time -> experts (averaged) -> K pseudo tokens -> MLP -> score."""
+
+    def __init__(self, with_global: bool, width: int = 64, heads: int = 4, tokens: int = 8):
+        super().__init__()
+        self.front, self.time = FrontEnd(DIM, width), TimeEncoding(width, 8)
+        self.context = nn.Sequential(nn.Linear(width, width), nn.GELU())
+        self.experts = nn.ModuleList([LocalExpert(width, 3, 0.0)])
+        if with_global:
+            self.experts.append(GlobalExpert(width, heads, 2, 0.0, "sdpa", scope="modality"))
+        self.pseudo = PseudoTokens(width, heads, tokens, width, 1.0, "sdpa")
+        self.head = nn.Sequential(nn.Linear(tokens * width, 128), nn.GELU(), nn.Linear(128, 1))
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        b, width = audio.shape[0], self.time.proj.out_features
+        mask = torch.ones(audio.shape[:2], dtype=torch.bool)
+        x = self.front(audio) + self.time(mask)
+        # The experts take text, audio and vision; here text and vision are one padded (absent) frame each.
+        absent, absent_mask = torch.zeros(b, 1, width), torch.zeros(b, 1, dtype=torch.bool)
+        xs, masks = [absent, x, absent], [absent_mask, mask, absent_mask]
+        context = self.context(masked_mean(x, mask))
+        fused = torch.stack([expert(xs, masks, context)[0][1] for expert in self.experts]).mean(0)
+        return self.head(self.pseudo(fused, mask).flatten(1)).squeeze(-1)
+
+
+def train_and_test(name: str, with_global: bool, steps: int, seed: int, train_size: int) -> dict[str, float]:
+    x_train, y_train = make_split(name, train_size, seed=1000 + seed)
+    x_test, y_test = make_split(name, 1024, seed=2000 + seed)
+    torch.manual_seed(seed)
+    model = Reader(with_global)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, train_size, (32,), generator=gen)
+        loss = (model(x_train[batch]) - y_train[batch]).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(x_test)
+    return {
+        "mae": (predicted - y_test).abs().mean().item(),
+        "train_loss": loss.item(),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run(sets: list[str], steps: int, seed: int, train_size: int) -> list[dict]:
+    rows = []
+    for name in sets:
+        x_test, y_test = make_split(name, 1024, seed=2000 + seed)
+        row = {
+            "set": name,
+            "median_mae": (y_test - y_test.median()).abs().mean().item(),
+            "rule_mae": (RULES[name](x_test) - y_test).abs().mean().item(),
+        }
+        for reader, with_global in (("pseudo_tokens", False), ("with_global", True)):
+            row[reader] = train_and_test(name, with_global, steps, seed, train_size)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], steps: int, seed: int) -> str:
+    lines = [
+        f"{steps} steps x 32 clips, seed {seed}; test MAE over 1024 clips (train loss at the last step)",
+        "| set | always the median | the set's rule by hand | local expert + pseudo tokens | + global expert |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [f"{row[r]['mae']:.3f} ({row[r]['train_loss']:.3f})" for r in ("pseudo_tokens", "with_global")]
+        lines.append(f"| {row['set']} | {row['median_mae']:.3f} | {row['rule_mae']:.3f} | {' | '.join(cells)} |")
+    seconds = sum(row[r]["seconds"] for row in rows for r in ("pseudo_tokens", "with_global"))
+    lines.append(f"training time {math.ceil(seconds)} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-size", type=int, default=4096)
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
+    sets = args.sets.split(",")
+    unknown = [name for name in sets if name not in SETS]
+    if unknown:
+        parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}")
+    rows = run(sets, args.steps, args.seed, args.train_size)
+    print(format_table(rows, args.steps, args.seed))
+    write_results(args.json, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
