@@ -28,7 +28,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from results import add_json_argument, write_results
+from results import add_json_argument, comma_list, write_results
 
 from egmf.atomic import write_json
 from egmf.datasets import DEMO_DATASETS as DATASETS
@@ -165,10 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--override", action="append", default=[], help="--section.key=value for every variant")
     add_json_argument(parser)
     args = parser.parse_args(argv)
-    names = args.variants.split(",")
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    names = comma_list(parser, args.variants, VARIANTS, "variants")
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or scratch
         splits = [(d, s) for d in DATASETS for s in ("train", "valid", "test")]

@@ -34,7 +34,7 @@ import sys
 import time
 
 import torch
-from results import add_json_argument, write_results
+from results import add_json_argument, comma_list, write_results
 from torch import nn
 
 from egmf.model.experts import GlobalExpert, LocalExpert, masked_mean
@@ -215,10 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train-size", type=int, default=4096)
     add_json_argument(parser)
     args = parser.parse_args(argv)
-    sets = args.sets.split(",")
-    unknown = [name for name in sets if name not in SETS]
-    if unknown:
-        parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}")
+    sets = comma_list(parser, args.sets, SETS, "sets")
     rows = run(sets, args.steps, args.seed, args.train_size)
     print(format_table(rows, args.steps, args.seed))
     write_results(args.json, rows)

@@ -15,6 +15,15 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
 
 
+def comma_list(parser: argparse.ArgumentParser, value: str, known, what: str) -> list[str]:
+    """A comma-separated choice among `known`; an unknown name is a usage error that lists the known ones."""
+    names = value.split(",")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown {what} {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
+
+
 def jsonable(value):
     """Tuple keys ((dataset, mode)) become "dataset/mode"; everything else as it is."""
     if isinstance(value, dict):

@@ -196,3 +196,9 @@ def test_reader_probe_trains_both_readers_on_every_set(tmp_path):
         assert row["rule_mae"] < {"drift": 0.6, "level": 0.05, "pair": 0.1}[row["set"]], row
         assert all(0 < row[reader]["mae"] < 10 for reader in ("pseudo_tokens", "with_global"))
     assert "| level |" in out and "+ global expert |" in out
+
+
+def test_reader_probe_rejects_an_unknown_set():
+    command = [sys.executable, "bench/reader_probe.py", "--sets", "pair,nope"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "unknown sets nope; known: drift, level, pair" in done.stderr
