@@ -1,6 +1,6 @@
 """What the pseudo-token stage reads from a clip by itself, and what the global expert adds to it.
 
-    python bench/reader_probe.py                          # three sets x two readers, 2000 steps each, ~10 min
+    python bench/reader_probe.py                          # four sets x two readers, 2000 steps each, ~7 min
     python bench/reader_probe.py --sets level --steps 500 # a quick look at one set
 
 The pseudo-token stage (K learned queries attending over the fused sequence) is
@@ -17,13 +17,18 @@ error:
   against its clip);
 - pair: six marked events with random directions; score +1 when two of them share
   a direction, -1 when none do (a relation between distant frames whose content
-  changes from clip to clip, which no fixed query can pick out).
+  changes from clip to clip, which no fixed query can pick out);
+- key: four marked events, each with a value and an angle drawn for each clip, and
+  one key event with an angle; score = the value of the event whose angle is
+  nearest the key's (a look-up between distant frames by a content that changes
+  from clip to clip, in a two-dimensional key space).
 
 Readers: the local expert and the pseudo tokens, and the same with the global
 expert beside the local one (their outputs averaged: a uniform level-2 gate).
 Prints test MAE per set and reader next to always answering the median and to
-the rule that answers the set by hand from its frames (the best a reader can do);
-figures are recorded in docs/benchmarks.md.
+the rule that answers the set by hand from its frames (about the best a reader can
+do: it reads each value from one noisy frame, where a model may use more); figures
+are recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from egmf.model.fusion import FrontEnd, PseudoTokens, TimeEncoding
 
 FRAMES, DIM = 32, 16
 LEVEL_AXIS, MARKER_AXIS = 0, 1  # the two fixed directions of the feature space; the rest carry content
+KEY_MARKER_AXIS, KEY_PLANE = 2, [3, 4]  # the key set's: the key event's marker, and the plane of the angles
+KEY_SLOTS = 12  # the key set's angles sit near 12 slots 30 degrees apart, so the nearest is never in doubt
 
 
 def random_directions(count: int, gen: torch.Generator) -> torch.Tensor:
@@ -89,11 +96,33 @@ def pair_clip(gen: torch.Generator) -> tuple[torch.Tensor, float]:
     return clip, 1.0 if shared else -1.0
 
 
-SETS = {"drift": drift_clip, "level": level_clip, "pair": pair_clip}
+def on_circle(angles: torch.Tensor) -> torch.Tensor:
+    return torch.stack([angles.cos(), angles.sin()], -1)
 
 
-# The rules that answer each set from the frames by hand: the best a reader can do, and a check that each set's
-# score is carried by the frames the way its description says.
+def key_clip(gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    clip = 0.3 * torch.randn(FRAMES, DIM, generator=gen)
+    jitter = 0.15 * 2 * math.pi / KEY_SLOTS
+    angles = torch.randperm(KEY_SLOTS, generator=gen)[:4] * 2 * math.pi / KEY_SLOTS
+    angles = angles + (torch.rand(4, generator=gen) - 0.5) * jitter
+    values = torch.empty(4).uniform_(-2, 2, generator=gen)
+    target = int(torch.randint(0, 4, (), generator=gen))
+    key = angles[target] + (torch.rand((), generator=gen) - 0.5) * jitter
+    positions = event_positions(5, 6, gen)
+    events, key_position = positions[:4], positions[4]
+    clip[events, MARKER_AXIS] += 3.0
+    clip[events, LEVEL_AXIS] += values
+    clip[events[:, None], KEY_PLANE] += 3.0 * on_circle(angles)
+    clip[key_position, KEY_MARKER_AXIS] += 3.0
+    clip[key_position, KEY_PLANE] += 3.0 * on_circle(key)
+    return clip, float(values[target])
+
+
+SETS = {"drift": drift_clip, "level": level_clip, "pair": pair_clip, "key": key_clip}
+
+
+# The rules that answer each set from the frames by hand: about the best a reader can do, and a check that each
+# set's score is carried by the frames the way its description says.
 def drift_rule(clips: torch.Tensor) -> torch.Tensor:
     """The least-squares trend along the level axis (the noise of the frames leaves it about 0.5 off)."""
     ramp = torch.linspace(-0.5, 0.5, FRAMES)
@@ -119,7 +148,14 @@ def pair_rule(clips: torch.Tensor) -> torch.Tensor:
     return torch.where(closest > 0.75, 1.0, -1.0)
 
 
-RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule}
+def key_rule(clips: torch.Tensor) -> torch.Tensor:
+    events = clips[marked(clips)].view(len(clips), -1, DIM)
+    key = clips[clips[..., KEY_MARKER_AXIS] > 1.5]  # one key event per clip
+    nearest = (events[..., KEY_PLANE] @ key[:, KEY_PLANE, None]).squeeze(-1).argmax(1)
+    return events[torch.arange(len(clips)), nearest, LEVEL_AXIS]
+
+
+RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule, "key": key_rule}
 
 
 def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

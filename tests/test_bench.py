@@ -190,10 +190,10 @@ def test_ablations_reuse_a_finished_variant_only_for_the_same_command_and_code(t
 
 def test_reader_probe_trains_both_readers_on_every_set(tmp_path):
     out, rows = run_bench("reader_probe.py", ["--steps", "3", "--train-size", "64"], tmp_path)
-    assert [r["set"] for r in rows] == ["drift", "level", "pair"]
+    assert [r["set"] for r in rows] == ["drift", "level", "pair", "key"]
     for row in rows:
         assert row["median_mae"] > 0.9  # no set can be answered by a constant, and each by its rule
-        assert row["rule_mae"] < {"drift": 0.6, "level": 0.05, "pair": 0.1}[row["set"]], row
+        assert row["rule_mae"] < {"drift": 0.6, "level": 0.05, "pair": 0.1, "key": 0.45}[row["set"]], row
         assert all(0 < row[reader]["mae"] < 10 for reader in ("pseudo_tokens", "with_global"))
     assert "| level |" in out and "+ global expert |" in out
 
@@ -201,4 +201,4 @@ def test_reader_probe_trains_both_readers_on_every_set(tmp_path):
 def test_reader_probe_rejects_an_unknown_set():
     command = [sys.executable, "bench/reader_probe.py", "--sets", "pair,nope"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "unknown sets nope; known: drift, level, pair" in done.stderr
+    assert done.returncode != 0 and "unknown sets nope; known: drift, level, pair, key" in done.stderr
