@@ -48,7 +48,7 @@ from egmf.model.fusion import FrontEnd, PseudoTokens, TimeEncoding
 FRAMES, DIM = 32, 16
 LEVEL_AXIS, MARKER_AXIS = 0, 1  # the two fixed directions of the feature space; the rest carry content
 KEY_MARKER_AXIS, KEY_PLANE = 2, [3, 4]  # the key set's: the key event's marker, and the plane of the angles
-KEY_SLOTS = 12  # the key set's angles sit near 12 slots 30 degrees apart, so the nearest is never in doubt
+KEY_SLOTS = 12  # the key set's angles sit near 12 slots 30 degrees apart; the noise moves one by about 6
 
 
 def random_directions(count: int, gen: torch.Generator) -> torch.Tensor:
@@ -61,7 +61,7 @@ def random_directions(count: int, gen: torch.Generator) -> torch.Tensor:
 def event_positions(count: int, gap: int, gen: torch.Generator) -> torch.Tensor:
     """`count` frames at least `gap` apart."""
     slots = torch.randperm(FRAMES // gap, generator=gen)[:count]
-    return slots * gap + torch.randint(0, gap, (count,), generator=gen).clamp(max=gap - 1)
+    return slots * gap + torch.randint(0, gap, (count,), generator=gen)
 
 
 def drift_clip(gen: torch.Generator) -> tuple[torch.Tensor, float]:
