@@ -129,8 +129,8 @@ def drift_rule(clips: torch.Tensor) -> torch.Tensor:
     return clips[..., LEVEL_AXIS] @ ramp / ramp.pow(2).sum()
 
 
-def marked(clips: torch.Tensor) -> torch.Tensor:
-    return clips[..., MARKER_AXIS] > 1.5  # events carry 3 on the marker axis; other frames noise of 0.3
+def marked(clips: torch.Tensor, axis: int = MARKER_AXIS) -> torch.Tensor:
+    return clips[..., axis] > 1.5  # events carry 3 on their marker axis; other frames noise of 0.3
 
 
 def level_rule(clips: torch.Tensor) -> torch.Tensor:
@@ -150,12 +150,15 @@ def pair_rule(clips: torch.Tensor) -> torch.Tensor:
 
 def key_rule(clips: torch.Tensor) -> torch.Tensor:
     events = clips[marked(clips)].view(len(clips), -1, DIM)
-    key = clips[clips[..., KEY_MARKER_AXIS] > 1.5]  # one key event per clip
+    key = clips[marked(clips, KEY_MARKER_AXIS)]  # one key event per clip
     nearest = (events[..., KEY_PLANE] @ key[:, KEY_PLANE, None]).squeeze(-1).argmax(1)
     return events[torch.arange(len(clips)), nearest, LEVEL_AXIS]
 
 
 RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule, "key": key_rule}
+READERS = {"pseudo_tokens": False, "with_global": True}
+"""Each reader's name in the results, and whether it has the global expert beside the local one."""
+TEST_SIZE = 1024
 
 
 def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +172,7 @@ class Reader(nn.Module):
 
     def __init__(self, with_global: bool, width: int = 64, heads: int = 4, tokens: int = 8):
         super().__init__()
+        self.width = width
         self.front, self.time = FrontEnd(DIM, width), TimeEncoding(width, 8)
         self.context = nn.Sequential(nn.Linear(width, width), nn.GELU())
         self.experts = nn.ModuleList([LocalExpert(width, 3, 0.0)])
@@ -178,7 +182,7 @@ class Reader(nn.Module):
         self.head = nn.Sequential(nn.Linear(tokens * width, 128), nn.GELU(), nn.Linear(128, 1))
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        b, width = audio.shape[0], self.time.proj.out_features
+        b, width = audio.shape[0], self.width
         mask = torch.ones(audio.shape[:2], dtype=torch.bool)
         x = self.front(audio) + self.time(mask)
         # The experts take text, audio and vision; here text and vision are one padded (absent) frame each.
@@ -189,9 +193,9 @@ class Reader(nn.Module):
         return self.head(self.pseudo(fused, mask).flatten(1)).squeeze(-1)
 
 
-def train_and_test(name: str, with_global: bool, steps: int, seed: int, train_size: int) -> dict[str, float]:
-    x_train, y_train = make_split(name, train_size, seed=1000 + seed)
-    x_test, y_test = make_split(name, 1024, seed=2000 + seed)
+def train_and_test(train: tuple, test: tuple, with_global: bool, steps: int, seed: int) -> dict[str, float]:
+    """`train`, `test`: (clips, scores) of one set."""
+    (x_train, y_train), (x_test, y_test) = train, test
     torch.manual_seed(seed)
     model = Reader(with_global)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -199,7 +203,7 @@ def train_and_test(name: str, with_global: bool, steps: int, seed: int, train_si
     start = time.perf_counter()
     model.train()
     for _ in range(steps):
-        batch = torch.randint(0, train_size, (32,), generator=gen)
+        batch = torch.randint(0, len(x_train), (32,), generator=gen)
         loss = (model(x_train[batch]) - y_train[batch]).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -217,28 +221,29 @@ def train_and_test(name: str, with_global: bool, steps: int, seed: int, train_si
 def run(sets: list[str], steps: int, seed: int, train_size: int) -> list[dict]:
     rows = []
     for name in sets:
-        x_test, y_test = make_split(name, 1024, seed=2000 + seed)
+        train = make_split(name, train_size, seed=1000 + seed)
+        x_test, y_test = test = make_split(name, TEST_SIZE, seed=2000 + seed)
         row = {
             "set": name,
             "median_mae": (y_test - y_test.median()).abs().mean().item(),
             "rule_mae": (RULES[name](x_test) - y_test).abs().mean().item(),
         }
-        for reader, with_global in (("pseudo_tokens", False), ("with_global", True)):
-            row[reader] = train_and_test(name, with_global, steps, seed, train_size)
+        for reader, with_global in READERS.items():
+            row[reader] = train_and_test(train, test, with_global, steps, seed)
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict], steps: int, seed: int) -> str:
     lines = [
-        f"{steps} steps x 32 clips, seed {seed}; test MAE over 1024 clips (train loss at the last step)",
+        f"{steps} steps x 32 clips, seed {seed}; test MAE over {TEST_SIZE} clips (train loss at the last step)",
         "| set | always the median | the set's rule by hand | local expert + pseudo tokens | + global expert |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [f"{row[r]['mae']:.3f} ({row[r]['train_loss']:.3f})" for r in ("pseudo_tokens", "with_global")]
+        cells = [f"{row[r]['mae']:.3f} ({row[r]['train_loss']:.3f})" for r in READERS]
         lines.append(f"| {row['set']} | {row['median_mae']:.3f} | {row['rule_mae']:.3f} | {' | '.join(cells)} |")
-    seconds = sum(row[r]["seconds"] for row in rows for r in ("pseudo_tokens", "with_global"))
+    seconds = sum(row[r]["seconds"] for row in rows for r in READERS)
     lines.append(f"training time {math.ceil(seconds)} s")
     return "\n".join(lines)
 
