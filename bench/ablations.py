@@ -54,6 +54,7 @@ VARIANTS = {
     "no_level1_gate": ["--fusion.inner_gating=false"],
     "no_gate_regularisation": GATE_OFF,
     "two_pseudo_tokens": ["--fusion.num_pseudo_tokens=2"],
+    "free_tokens": ["--fusion.normalised_tokens=false"],
     "no_lora": ["--lora.enabled=false"],
     "text_only": ["--prompt.text_only=true"],
 }
@@ -87,7 +88,7 @@ def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse
     return {
         "variant": name,
         "seconds": seconds,
-        "scores": {d: metrics[f"eval/test/{d}/constrained/{HEADLINE[d]}"] for d in DATASETS},
+        "scores": {d: metrics.get(f"eval/test/{d}/constrained/{HEADLINE[d]}") for d in DATASETS},  # None: not evaluated
         "gates": designed_gates(rows),
     }
 
@@ -145,7 +146,7 @@ def format_table(rows: list[dict], steps: int) -> str:
         "|---|" + "---|" * len(DATASETS) + "---|---|",
     ]
     for row in rows:
-        scores = " | ".join(f"{row['scores'][d]:.3f}" for d in DATASETS)
+        scores = " | ".join("-" if row["scores"][d] is None else f"{row['scores'][d]:.3f}" for d in DATASETS)
         gates = ", ".join(
             f"{row['gates'][d].get(DESIGNED_FOR[d], float('nan')):.2f}" if d in row["gates"] else "-"
             for d in DATASETS[:3]

@@ -2,6 +2,7 @@
 
     python bench/reader_probe.py                          # four sets x two readers, 2000 steps each, ~7 min
     python bench/reader_probe.py --sets level --steps 500 # a quick look at one set
+    python bench/reader_probe.py --sets key --train-size 16384 --free-tokens   # tokens not rescaled
 
 The pseudo-token stage (K learned queries attending over the fused sequence) is
 a reader of the whole clip in its own right: any average over the clip, and many
@@ -24,7 +25,9 @@ error:
   from clip to clip, in a two-dimensional key space).
 
 Readers: the local expert and the pseudo tokens, and the same with the global
-expert beside the local one (their outputs averaged: a uniform level-2 gate).
+expert beside the local one (their outputs averaged: a uniform level-2 gate). Each
+pseudo token is rescaled to RMS 1, as the model does by default; with --free-tokens
+their magnitude is free (fusion.normalised_tokens = false).
 Prints test MAE per set and reader next to always answering the median and to
 the rule that answers the set by hand from its frames (about the best a reader can
 do: it reads each value from one noisy frame, where a model may use more); figures
@@ -170,7 +173,7 @@ def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Ten
 class Reader(nn.Module):
     """Audio-only fusion: front end + time -> experts (averaged) -> K pseudo tokens -> MLP -> score."""
 
-    def __init__(self, with_global: bool, width: int = 64, heads: int = 4, tokens: int = 8):
+    def __init__(self, with_global: bool, normalised_tokens: bool, width: int = 64, heads: int = 4, tokens: int = 8):
         super().__init__()
         self.width = width
         self.front, self.time = FrontEnd(DIM, width), TimeEncoding(width, 8)
@@ -178,7 +181,7 @@ class Reader(nn.Module):
         self.experts = nn.ModuleList([LocalExpert(width, 3, 0.0)])
         if with_global:
             self.experts.append(GlobalExpert(width, heads, 2, 0.0, "sdpa", scope="modality"))
-        self.pseudo = PseudoTokens(width, heads, tokens, width, 1.0, "sdpa")
+        self.pseudo = PseudoTokens(width, heads, tokens, width, 1.0, "sdpa", normalised_tokens)
         self.head = nn.Sequential(nn.Linear(tokens * width, 128), nn.GELU(), nn.Linear(128, 1))
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
@@ -193,11 +196,13 @@ class Reader(nn.Module):
         return self.head(self.pseudo(fused, mask).flatten(1)).squeeze(-1)
 
 
-def train_and_test(train: tuple, test: tuple, with_global: bool, steps: int, seed: int) -> dict[str, float]:
+def train_and_test(
+    train: tuple, test: tuple, with_global: bool, normalised_tokens: bool, steps: int, seed: int
+) -> dict[str, float]:
     """`train`, `test`: (clips, scores) of one set."""
     (x_train, y_train), (x_test, y_test) = train, test
     torch.manual_seed(seed)
-    model = Reader(with_global)
+    model = Reader(with_global, normalised_tokens)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -218,7 +223,7 @@ def train_and_test(train: tuple, test: tuple, with_global: bool, steps: int, see
     }
 
 
-def run(sets: list[str], steps: int, seed: int, train_size: int) -> list[dict]:
+def run(sets: list[str], steps: int, seed: int, train_size: int, normalised_tokens: bool = True) -> list[dict]:
     rows = []
     for name in sets:
         train = make_split(name, train_size, seed=1000 + seed)
@@ -229,7 +234,7 @@ def run(sets: list[str], steps: int, seed: int, train_size: int) -> list[dict]:
             "rule_mae": (RULES[name](x_test) - y_test).abs().mean().item(),
         }
         for reader, with_global in READERS.items():
-            row[reader] = train_and_test(train, test, with_global, steps, seed)
+            row[reader] = train_and_test(train, test, with_global, normalised_tokens, steps, seed)
         rows.append(row)
     return rows
 
@@ -254,10 +259,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=4096)
+    parser.add_argument(
+        "--free-tokens", action="store_true", help="do not rescale each pseudo token (fusion.normalised_tokens = false)"
+    )
     add_json_argument(parser)
     args = parser.parse_args(argv)
     sets = comma_list(parser, args.sets, SETS, "sets")
-    rows = run(sets, args.steps, args.seed, args.train_size)
+    rows = run(sets, args.steps, args.seed, args.train_size, not args.free_tokens)
     print(format_table(rows, args.steps, args.seed))
     write_results(args.json, rows)
     return rows

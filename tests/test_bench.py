@@ -171,6 +171,18 @@ def test_ablations_bench_trains_each_variant_and_tables_it(tmp_path):
     assert again == rows
 
 
+def test_ablations_bench_tables_a_run_evaluated_on_one_set(tmp_path):
+    """A variant trained and evaluated on one demo set (the way a candidate set is tried alone) has a score for that
+    set and a dash for the others, not a crash."""
+    args = ["--variants", "full", "--steps", "2", "--work-dir", str(tmp_path / "work")]
+    args += ["--override=--data.train={demo_reg_en=1.0}", "--override=--data.eval=['demo_reg_en']"]
+    out, rows = run_bench("ablations.py", args, tmp_path, timeout=600)
+    scores = rows[0]["scores"]
+    assert scores["demo_cls_en"] is None and scores["demo_reg_zh"] is None and 0 <= scores["demo_reg_en"] <= 6
+    row = next(line for line in out.splitlines() if line.startswith("| full |"))
+    assert row.split(" | ")[1:4] == ["-", "-", f"{scores['demo_reg_en']:.3f}"], row
+
+
 def test_ablations_reuse_a_finished_variant_only_for_the_same_command_and_code(tmp_path, monkeypatch):
     """A variant trained before the model, the demo or a recipe changed is trained again, never reported as
     today's (the command alone does not show a change of code or of the recipe it leaves implicit)."""

@@ -133,11 +133,27 @@ def test_unit_rms_scales_each_sample_over_its_real_positions():
     assert ratio[0, 0] < 1 < ratio[3, 0]
 
 
-def test_pseudo_tokens_are_distinct_and_scaled_like_llm_embeddings():
-    tokens = build()(**inputs()).pseudo_tokens[0]  # [K, H]
-    cosine = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(tokens, dim=-1).T
-    assert (cosine - torch.eye(4)).abs().max() < 0.99
-    torch.testing.assert_close(tokens.pow(2).mean(-1).sqrt(), torch.full((4,), 0.05), rtol=1e-3, atol=1e-4)
+@pytest.mark.parametrize("normalised", [False, True])
+def test_pseudo_tokens_are_distinct_and_scaled_like_llm_embeddings(normalised):
+    tokens = build(normalised_tokens=normalised)(**inputs()).pseudo_tokens  # [B, K, H]
+    unit = torch.nn.functional.normalize(tokens[0], dim=-1)
+    assert (unit @ unit.T - torch.eye(4)).abs().max() < 0.99
+    rms = tokens.pow(2).mean(-1).sqrt()  # [B, K]; the LLM's embeddings have RMS 0.05 here
+    if normalised:  # every token rescaled to that RMS
+        torch.testing.assert_close(rms, torch.full((2, 4), 0.05), rtol=1e-3, atol=1e-4)
+    else:  # they start near it, and their magnitudes differ: a token's size carries what it read
+        assert ((rms > 0.025) & (rms < 0.1)).all() and rms.std() > 0.001, rms
+
+
+def test_a_pseudo_tokens_magnitude_follows_its_input_unless_normalised():
+    """Scaling the projection's weights (what training may do) scales free tokens but not normalised ones."""
+    for normalised, expected in ((False, 2.0), (True, 1.0)):
+        model = build(normalised_tokens=normalised)
+        before = model(**inputs()).pseudo_tokens.pow(2).mean().sqrt()
+        with torch.no_grad():
+            model.pseudo.out[1].weight.mul_(2.0)
+        after = model(**inputs()).pseudo_tokens.pow(2).mean().sqrt()
+        torch.testing.assert_close(after / before, torch.tensor(expected), rtol=1e-3, atol=1e-4)
 
 
 def test_every_parameter_gets_a_gradient():

@@ -47,6 +47,11 @@ class FusionConfig:
     fused update. False: the updates are mixed as they come (docs/model.md)."""
     num_pseudo_tokens: int = 8
     """K: pseudo tokens handed to the LLM."""
+    normalised_tokens: bool = True
+    """Each pseudo token is rescaled to the RMS of the LLM's own embeddings on every forward pass. False: the
+    tokens start at that RMS and their magnitude is learned, free to differ from token to token. Free tokens let
+    the global expert learn a look-up that rescaled ones kept it from, but on the demo as it is they scored a
+    little lower (docs/model.md)."""
     time_frequencies: int = 8
     """Fourier frequencies of the normalised-time encoding (0..1 over each sequence)."""
     dropout: float = 0.1

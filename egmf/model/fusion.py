@@ -89,15 +89,32 @@ class FrontEnd(nn.Module):
 
 
 class PseudoTokens(nn.Module):
-    """K learned queries attend over the fused sequence; each becomes one LLM input embedding."""
+    """K learned queries attend over the fused sequence; each becomes one LLM input embedding.
 
-    def __init__(self, width: int, heads: int, num_tokens: int, llm_hidden: int, llm_embed_rms: float, backend: str):
+    The tokens start at the RMS of the LLM's own token embeddings (`llm_embed_rms`, times a learned scale). With
+    `normalised`, every token is rescaled to that RMS on each forward pass; without, only the projection's start is
+    scaled, and a token's magnitude is free to carry what it read (docs/model.md: the per-token rescaling kept the
+    global expert's key look-up from being learned)."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        num_tokens: int,
+        llm_hidden: int,
+        llm_embed_rms: float,
+        backend: str,
+        normalised: bool = False,
+    ):
         super().__init__()
+        self.normalised = normalised
         self.queries = nn.Parameter(torch.randn(num_tokens, width) * width**-0.5)
         self.norm = nn.LayerNorm(width)
         self.attn = MultiHeadAttention(width, heads, backend)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm_hidden))
-        # The LLM's own token embeddings have a typical RMS; pseudo tokens start at the same scale.
+        # After the LayerNorm each channel has variance 1, so weights of std width^-0.5 start the tokens at RMS 1.
+        nn.init.normal_(self.out[1].weight, std=width**-0.5)
+        nn.init.zeros_(self.out[1].bias)
         # Shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
         self.scale = nn.Parameter(torch.full((1,), float(llm_embed_rms)))
 
@@ -105,10 +122,10 @@ class PseudoTokens(nn.Module):
         b = fused.shape[0]
         queries = self.queries[None].expand(b, -1, -1)
         query_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=fused.device)
-        tokens = queries + self.attn(queries, query_mask, self.norm(fused), mask)
-        tokens = self.out(tokens)
-        rms = tokens.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
-        return tokens * rms * self.scale
+        tokens = self.out(queries + self.attn(queries, query_mask, self.norm(fused), mask))
+        if self.normalised:
+            tokens = tokens * tokens.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+        return tokens * self.scale
 
 
 class FusionModule(nn.Module):
@@ -160,7 +177,9 @@ class FusionModule(nn.Module):
         self.gate = ExpertGate(
             d, len(cfg.experts), cfg.gating == "dynamic", self.schedule, len(self.datasets), cfg.usage_momentum
         )
-        self.pseudo = PseudoTokens(d, cfg.heads, cfg.num_pseudo_tokens, llm_hidden, llm_embed_rms, cfg.attention)
+        self.pseudo = PseudoTokens(
+            d, cfg.heads, cfg.num_pseudo_tokens, llm_hidden, llm_embed_rms, cfg.attention, cfg.normalised_tokens
+        )
         # Shape [1] for DeepSpeed (as PseudoTokens.scale). 0.5: at initialisation the experts' updates are 0.1-0.35
         # of RMS against 1.25 for the input (demo shapes, width 128), so this starts the fused update of the same
         # order as the input's, below it.
