@@ -104,7 +104,7 @@ class PseudoTokens(nn.Module):
         llm_hidden: int,
         llm_embed_rms: float,
         backend: str,
-        normalised: bool = False,
+        normalised: bool = True,
     ):
         super().__init__()
         self.normalised = normalised
@@ -112,9 +112,11 @@ class PseudoTokens(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.attn = MultiHeadAttention(width, heads, backend)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm_hidden))
-        # After the LayerNorm each channel has variance 1, so weights of std width^-0.5 start the tokens at RMS 1.
-        nn.init.normal_(self.out[1].weight, std=width**-0.5)
-        nn.init.zeros_(self.out[1].bias)
+        if not normalised:
+            # After the LayerNorm each channel has variance 1, so weights of std width^-0.5 start the tokens at RMS 1.
+            # Rescaled tokens keep nn.Linear's own start: the rescaling sets their size.
+            nn.init.normal_(self.out[1].weight, std=width**-0.5)
+            nn.init.zeros_(self.out[1].bias)
         # Shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
         self.scale = nn.Parameter(torch.full((1,), float(llm_embed_rms)))
 
