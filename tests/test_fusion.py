@@ -145,7 +145,7 @@ def test_pseudo_tokens_are_distinct_and_scaled_like_llm_embeddings(normalised):
         assert ((rms > 0.025) & (rms < 0.1)).all() and rms.std() > 0.001, rms
 
 
-def test_a_pseudo_tokens_magnitude_follows_its_input_unless_normalised():
+def test_free_pseudo_tokens_grow_with_their_projection_and_normalised_ones_do_not():
     """Scaling the projection's weights (what training may do) scales free tokens but not normalised ones."""
     for normalised, expected in ((False, 2.0), (True, 1.0)):
         model = build(normalised_tokens=normalised)
