@@ -3,6 +3,7 @@
     python bench/reader_probe.py                          # four sets x two readers, 2000 steps each, ~7 min
     python bench/reader_probe.py --sets level --steps 500 # a quick look at one set
     python bench/reader_probe.py --sets key --train-size 16384 --free-tokens   # tokens not rescaled
+    python bench/reader_probe.py --sets key --readers fusion_module,fusion_no_global --lr 1e-3   # the whole module
 
 The pseudo-token stage (K learned queries attending over the fused sequence) is
 a reader of the whole clip in its own right: any average over the clip, and many
@@ -24,10 +25,13 @@ error:
   nearest the key's (a look-up between distant frames by a content that changes
   from clip to clip, in a two-dimensional key space).
 
-Readers: the local expert and the pseudo tokens, and the same with the global
-expert beside the local one (their outputs averaged: a uniform level-2 gate). Each
-pseudo token is rescaled to RMS 1, as the model does by default; with --free-tokens
-their magnitude is free (fusion.normalised_tokens = false).
+Readers (--readers): the local expert and the pseudo tokens, and the same with the
+global expert beside the local one (their outputs averaged: a uniform level-2 gate);
+and the demo recipe's whole fusion module (all three experts, the level-2 gate and
+its auxiliary losses; text and vision one constant frame each), with and without
+the global expert, which also reports the level-2 gate it gives each expert on the
+test clips. Each pseudo token is rescaled to RMS 1, as the model does by default;
+with --free-tokens their magnitude is free (fusion.normalised_tokens = false).
 Prints test MAE per set and reader next to always answering the median and to
 the rule that answers the set by hand from its frames (about the best a reader can
 do: it reads each value from one noisy frame, where a model may use more); figures
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -46,7 +51,8 @@ from results import add_json_argument, comma_list, write_results
 from torch import nn
 
 from egmf.model.experts import GlobalExpert, LocalExpert, masked_mean
-from egmf.model.fusion import FrontEnd, PseudoTokens, TimeEncoding
+from egmf.model.fusion import FrontEnd, FusionModule, PseudoTokens, TimeEncoding
+from egmf.train.config import load_config
 
 FRAMES, DIM = 32, 16
 LEVEL_AXIS, MARKER_AXIS = 0, 1  # the two fixed directions of the feature space; the rest carry content
@@ -159,9 +165,8 @@ def key_rule(clips: torch.Tensor) -> torch.Tensor:
 
 
 RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule, "key": key_rule}
-READERS = {"pseudo_tokens": False, "with_global": True}
-"""Each reader's name in the results, and whether it has the global expert beside the local one."""
 TEST_SIZE = 1024
+DEMO_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch/recipes/demo.toml")
 
 
 def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +176,8 @@ def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Ten
 
 
 class Reader(nn.Module):
-    """Audio-only fusion: front end + time -> experts (averaged) -> K pseudo tokens -> MLP -> score."""
+    """Audio-only fusion: front end + time -> experts (averaged) -> K pseudo tokens -> MLP -> score.
+    The interface the training loop uses; without a level-2 gate it adds no loss and records nothing."""
 
     def __init__(self, with_global: bool, normalised_tokens: bool, width: int = 64, heads: int = 4, tokens: int = 8):
         super().__init__()
@@ -195,24 +201,85 @@ class Reader(nn.Module):
         fused = torch.stack([expert(xs, masks, context)[0][1] for expert in self.experts]).mean(0)
         return self.head(self.pseudo(fused, mask).flatten(1)).squeeze(-1)
 
+    def set_training_progress(self, progress: float) -> None:
+        pass
 
-def train_and_test(
-    train: tuple, test: tuple, with_global: bool, normalised_tokens: bool, steps: int, seed: int
-) -> dict[str, float]:
+    def auxiliary_loss(self) -> torch.Tensor | float:
+        return 0.0
+
+    def after_step(self) -> None:
+        pass
+
+    def expert_weights(self) -> dict[str, float] | None:
+        return None
+
+
+class FusionReader(nn.Module):
+    """The demo recipe's fusion module with the given experts, as the trainer runs it (level-2 gate, its noise and
+    warm-up, its auxiliary losses weighted as the model weighs them), and an MLP over its K tokens. The set's clip
+    is the audio; text and vision are one constant frame each."""
+
+    def __init__(self, experts: list[str], normalised_tokens: bool, token_width: int = 64):
+        super().__init__()
+        overrides = [f"--fusion.experts={experts}", "--fusion.attention=sdpa"]
+        overrides.append(f"--fusion.normalised_tokens={str(normalised_tokens).lower()}")
+        self.cfg = load_config(DEMO_RECIPE, overrides).fusion
+        self.fusion = FusionModule(self.cfg, {"probe": (DIM, 1)}, llm_hidden=token_width, llm_embed_rms=1.0)
+        self.head = nn.Sequential(
+            nn.Linear(self.cfg.num_pseudo_tokens * token_width, 128), nn.GELU(), nn.Linear(128, 1)
+        )
+        self.token_width, self.out = token_width, None
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        b = audio.shape[0]
+        one_frame = torch.ones(b, 1, dtype=torch.bool)
+        text, vision = torch.zeros(b, 1, self.token_width), torch.zeros(b, 1, 1)
+        self.out = self.fusion(
+            "probe", audio, torch.ones(audio.shape[:2], dtype=torch.bool), vision, one_frame, text, one_frame
+        )
+        return self.head(self.out.pseudo_tokens.flatten(1)).squeeze(-1)
+
+    def set_training_progress(self, progress: float) -> None:
+        self.fusion.set_training_progress(progress)
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        aux = self.out.aux_losses
+        return self.cfg.balance_coef * aux["balance"] + self.cfg.z_loss_coef * aux["z"]
+
+    def after_step(self) -> None:
+        self.fusion.record_gate_usage("probe", self.out.expert_weights.detach().mean(0))
+
+    def expert_weights(self) -> dict[str, float]:
+        """The mean level-2 gate of the last forward pass, per expert."""
+        return dict(zip(self.cfg.experts, self.out.expert_weights.mean(0).tolist(), strict=True))
+
+
+READERS = {
+    "pseudo_tokens": ("local expert + pseudo tokens", lambda free: Reader(False, not free)),
+    "with_global": ("+ global expert", lambda free: Reader(True, not free)),
+    "fusion_module": ("fusion module", lambda free: FusionReader(["local", "semantic", "global"], not free)),
+    "fusion_no_global": ("fusion module without global", lambda free: FusionReader(["local", "semantic"], not free)),
+}
+"""Each reader's name in the results: its column title and its model (given whether the tokens are free)."""
+
+
+def train_and_test(train: tuple, test: tuple, reader: str, free_tokens: bool, steps: int, seed: int, lr: float) -> dict:
     """`train`, `test`: (clips, scores) of one set."""
     (x_train, y_train), (x_test, y_test) = train, test
     torch.manual_seed(seed)
-    model = Reader(with_global, normalised_tokens)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model = READERS[reader][1](free_tokens)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
+        model.set_training_progress(step / steps)
         batch = torch.randint(0, len(x_train), (32,), generator=gen)
         loss = (model(x_train[batch]) - y_train[batch]).pow(2).mean()
         optimizer.zero_grad()
-        loss.backward()
+        (loss + model.auxiliary_loss()).backward()
         optimizer.step()
+        model.after_step()
     model.eval()
     with torch.no_grad():
         predicted = model(x_test)
@@ -220,10 +287,19 @@ def train_and_test(
         "mae": (predicted - y_test).abs().mean().item(),
         "train_loss": loss.item(),
         "seconds": time.perf_counter() - start,
+        "gate": model.expert_weights(),
     }
 
 
-def run(sets: list[str], steps: int, seed: int, train_size: int, normalised_tokens: bool = True) -> list[dict]:
+def run(
+    sets: list[str],
+    steps: int,
+    seed: int,
+    train_size: int,
+    free_tokens: bool = False,
+    readers: list[str] = ("pseudo_tokens", "with_global"),
+    lr: float = 2e-3,
+) -> list[dict]:
     rows = []
     for name in sets:
         train = make_split(name, train_size, seed=1000 + seed)
@@ -233,22 +309,31 @@ def run(sets: list[str], steps: int, seed: int, train_size: int, normalised_toke
             "median_mae": (y_test - y_test.median()).abs().mean().item(),
             "rule_mae": (RULES[name](x_test) - y_test).abs().mean().item(),
         }
-        for reader, with_global in READERS.items():
-            row[reader] = train_and_test(train, test, with_global, normalised_tokens, steps, seed)
+        for reader in readers:
+            row[reader] = train_and_test(train, test, reader, free_tokens, steps, seed, lr)
         rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict], steps: int, seed: int) -> str:
+def format_cell(result: dict) -> str:
+    """Test MAE (train loss at the last step) [the level-2 gate on the test clips, where there is one]."""
+    cell = f"{result['mae']:.3f} ({result['train_loss']:.3f})"
+    if result["gate"]:
+        cell += " [" + " / ".join(f"{name} {weight:.2f}" for name, weight in result["gate"].items()) + "]"
+    return cell
+
+
+def format_table(rows: list[dict], steps: int, seed: int, readers: list[str], lr: float) -> str:
     lines = [
-        f"{steps} steps x 32 clips, seed {seed}; test MAE over {TEST_SIZE} clips (train loss at the last step)",
-        "| set | always the median | the set's rule by hand | local expert + pseudo tokens | + global expert |",
-        "|---|---|---|---|---|",
+        f"{steps} steps x 32 clips, Adam {lr:g}, seed {seed}; test MAE over {TEST_SIZE} clips (train loss at the "
+        "last step) [level-2 gate on the test clips]",
+        "| set | always the median | the set's rule by hand | " + " | ".join(READERS[r][0] for r in readers) + " |",
+        "|---|---|---|" + "---|" * len(readers),
     ]
     for row in rows:
-        cells = [f"{row[r]['mae']:.3f} ({row[r]['train_loss']:.3f})" for r in READERS]
-        lines.append(f"| {row['set']} | {row['median_mae']:.3f} | {row['rule_mae']:.3f} | {' | '.join(cells)} |")
-    seconds = sum(row[r]["seconds"] for row in rows for r in READERS)
+        cells = " | ".join(format_cell(row[r]) for r in readers)
+        lines.append(f"| {row['set']} | {row['median_mae']:.3f} | {row['rule_mae']:.3f} | {cells} |")
+    seconds = sum(row[r]["seconds"] for row in rows for r in readers)
     lines.append(f"training time {math.ceil(seconds)} s")
     return "\n".join(lines)
 
@@ -259,14 +344,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate")
+    parser.add_argument(
+        "--readers", default="pseudo_tokens,with_global", help=f"comma-separated, of {', '.join(READERS)}"
+    )
     parser.add_argument(
         "--free-tokens", action="store_true", help="do not rescale each pseudo token (fusion.normalised_tokens = false)"
     )
     add_json_argument(parser)
     args = parser.parse_args(argv)
     sets = comma_list(parser, args.sets, SETS, "sets")
-    rows = run(sets, args.steps, args.seed, args.train_size, not args.free_tokens)
-    print(format_table(rows, args.steps, args.seed))
+    readers = comma_list(parser, args.readers, READERS, "readers")
+    rows = run(sets, args.steps, args.seed, args.train_size, args.free_tokens, readers, args.lr)
+    print(format_table(rows, args.steps, args.seed, readers, args.lr))
     write_results(args.json, rows)
     return rows
 

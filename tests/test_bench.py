@@ -210,6 +210,18 @@ def test_reader_probe_trains_both_readers_on_every_set(tmp_path):
     assert "| level |" in out and "+ global expert |" in out
 
 
+def test_reader_probe_trains_the_whole_fusion_module_and_reports_its_gate(tmp_path):
+    args = ["--sets", "key", "--steps", "3", "--train-size", "64", "--readers", "fusion_module,fusion_no_global"]
+    out, rows = run_bench("reader_probe.py", args + ["--lr", "1e-3", "--free-tokens"], tmp_path)
+    (row,) = rows
+    assert "pseudo_tokens" not in row and "with_global" not in row  # only the readers asked for are trained
+    full, without = row["fusion_module"], row["fusion_no_global"]
+    assert list(full["gate"]) == ["local", "semantic", "global"] and list(without["gate"]) == ["local", "semantic"]
+    for result in (full, without):
+        assert abs(sum(result["gate"].values()) - 1) < 1e-4 and 0 < result["mae"] < 10
+    assert "Adam 0.001" in out and "| fusion module | fusion module without global |" in out and "[local 0." in out
+
+
 def test_reader_probe_rejects_an_unknown_set():
     command = [sys.executable, "bench/reader_probe.py", "--sets", "pair,nope"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
