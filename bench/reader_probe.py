@@ -243,8 +243,7 @@ class FusionReader(nn.Module):
         self.fusion.set_training_progress(progress)
 
     def auxiliary_loss(self) -> torch.Tensor:
-        aux = self.out.aux_losses
-        return self.cfg.balance_coef * aux["balance"] + self.cfg.z_loss_coef * aux["z"]
+        return self.fusion.weighted_aux_loss(self.out.aux_losses)
 
     def after_step(self) -> None:
         self.fusion.record_gate_usage("probe", self.out.expert_weights.detach().mean(0))

@@ -183,10 +183,8 @@ class EGMFModel(nn.Module):
         num_tokens = int(prompt.attention_mask.sum())
         if fused is None:
             return EGMFOutput(out.loss, out.loss, {}, None, {}, num_tokens)
-        cfg = self.fusion.cfg
-        aux = fused.aux_losses
-        loss = out.loss + cfg.balance_coef * aux["balance"] + cfg.z_loss_coef * aux["z"]
-        return EGMFOutput(loss, out.loss, aux, fused.expert_weights, fused.inner_gates, num_tokens)
+        loss = out.loss + self.fusion.weighted_aux_loss(fused.aux_losses)
+        return EGMFOutput(loss, out.loss, fused.aux_losses, fused.expert_weights, fused.inner_gates, num_tokens)
 
     @torch.no_grad()
     def sample_losses(self, batch: Batch) -> list[float]:
