@@ -183,7 +183,7 @@ class EGMFModel(nn.Module):
         num_tokens = int(prompt.attention_mask.sum())
         if fused is None:
             return EGMFOutput(out.loss, out.loss, {}, None, {}, num_tokens)
-        loss = out.loss + self.fusion.weighted_aux_loss(fused.aux_losses)
+        loss = self.fusion.weighted_aux_loss(fused.aux_losses, onto=out.loss)
         return EGMFOutput(loss, out.loss, fused.aux_losses, fused.expert_weights, fused.inner_gates, num_tokens)
 
     @torch.no_grad()

@@ -7,7 +7,7 @@
     out.expert_weights  # [B, num_experts] level-2 gate (softmax over experts)
     out.inner_gates     # {expert: [B, 3]} level-1 gate means per modality (text, audio, vision)
     out.aux_losses      # {"balance", "z"}: the level-2 gate's auxiliary losses (egmf.model.gates)
-    fusion.weighted_aux_loss(out.aux_losses)            # weighted by their coefficients, as the model adds them
+    fusion.weighted_aux_loss(out.aux_losses, task_loss)  # task_loss + the auxiliary losses, weighted
     fusion.set_training_progress(step / total_steps)     # the gates' noise and warm-up follow it
 
 Runs on a CPU (SDPA) or on CUDA (flash-attn when installed). Padded positions
@@ -224,10 +224,12 @@ class FusionModule(nn.Module):
         aux = self.gate.aux_losses(weights, logits, self.datasets.index(dataset))
         return FusionOutput(self.pseudo(fused, all_mask), weights, inner_gates, aux)
 
-    def weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The level-2 gate's auxiliary losses (FusionOutput.aux_losses) weighted by their coefficients: what the
-        model adds to its task loss."""
-        return self.cfg.balance_coef * aux_losses["balance"] + self.cfg.z_loss_coef * aux_losses["z"]
+    def weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor], onto: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """The level-2 gate's auxiliary losses (FusionOutput.aux_losses) weighted by their coefficients and added
+        onto `onto` (the model passes its task loss). One term at a time onto the task loss, in this order: summed
+        another way the loss rounds differently and a seeded run takes another path from its first step, so the
+        figures recorded in docs/ would no longer reproduce."""
+        return onto + self.cfg.balance_coef * aux_losses["balance"] + self.cfg.z_loss_coef * aux_losses["z"]
 
     def record_gate_usage(self, dataset: str, batch_mean: torch.Tensor) -> None:
         """After an optimizer step on `dataset`: its mean level-2 gate (over micro-batches and ranks) for the
