@@ -11,8 +11,8 @@ oversubscribe them and slow down many times over (figures: docs/benchmarks.md).
 The demo's labels live only in the audio + vision events and their timing, the
 text is uninformative (shards/README.md). Both variants train with the same
 AdamW loop (the trainer's warm-up, cosine decay and gradient clipping), batches
-and steps, then decode the held-out test splits in both modes. A model that uses the pseudo tokens must beat the text-only one by
-far. Prints one table; figures are recorded in docs/model.md.
+and steps, then decode the held-out test splits in both modes. A model that
+uses the pseudo tokens must beat the text-only one by far. Prints one table; figures are recorded in docs/model.md.
 """
 
 from __future__ import annotations
