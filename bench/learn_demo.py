@@ -12,7 +12,8 @@ The demo's labels live only in the audio + vision events and their timing, the
 text is uninformative (shards/README.md). Both variants train with the same
 AdamW loop (the trainer's warm-up, cosine decay and gradient clipping), batches
 and steps, then decode the held-out test splits in both modes. A model that
-uses the pseudo tokens must beat the text-only one by far. Prints one table; figures are recorded in docs/model.md.
+uses the pseudo tokens must beat the text-only one by far. Prints one table;
+figures are recorded in docs/model.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from egmf.train.optim import WarmupCosine
 DATASETS = ("demo_cls_en", "demo_reg_en")
 WARMUP_STEPS, MIN_LR_RATIO, CLIP_GRAD = 50, 0.25, 1.0
 """The demo recipe's warm-up and learning-rate floor, and the trainer's gradient clipping. At a constant rate and
-unclipped the class set was learned or lost depending on the seed and on how the sums round (docs/model.md)."""
+unclipped the class set was learned, or learned and lost again, depending on the seed (docs/model.md)."""
 
 
 def build_model(llm_dir: str, text_only: bool, seed: int) -> EGMFModel:
