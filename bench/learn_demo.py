@@ -35,12 +35,14 @@ from egmf.model.egmf_model import EGMFModel
 from egmf.model.tiny import build_tiny_llm
 from egmf.shards.demo import DIMS, build_demo
 from egmf.shards.manifest import MANIFEST_NAME
-from egmf.train.optim import WarmupCosine
+from egmf.train.config import load_config
+from egmf.train.main import DEFAULT_RECIPE
+from egmf.train.optim import build_scheduler
 
 DATASETS = ("demo_cls_en", "demo_reg_en")
-WARMUP_STEPS, MIN_LR_RATIO, CLIP_GRAD = 50, 0.25, 1.0
-"""The demo recipe's warm-up and learning-rate floor, and the trainer's gradient clipping. At a constant rate and
-unclipped the class set was learned, or learned and lost again, depending on the seed (docs/model.md)."""
+SCHEDULE = load_config(DEFAULT_RECIPE).optim
+"""The demo recipe's warm-up, learning-rate floor and gradient clipping, as the trainer applies them. At a constant
+rate and unclipped the class set was learned, or learned and lost again, depending on the seed (docs/model.md)."""
 
 
 def build_model(llm_dir: str, text_only: bool, seed: int) -> EGMFModel:
@@ -61,7 +63,7 @@ def train(model: EGMFModel, shards: str, steps: int, lr: float, seed: int) -> fl
     floor); returns the mean loss of the last 50 steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(WARMUP_STEPS, steps, MIN_LR_RATIO))
+    scheduler = build_scheduler(optimizer, SCHEDULE, steps, SCHEDULE.warmup_steps)
     cfg = DataConfig(
         root=shards,
         train={name: 1.0 for name in DATASETS},
@@ -78,7 +80,7 @@ def train(model: EGMFModel, shards: str, steps: int, lr: float, seed: int) -> fl
         out = model(batch)
         loss = out.loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD)
+        torch.nn.utils.clip_grad_norm_(params, SCHEDULE.clip_grad)
         if out.expert_weights is not None:
             model.record_gate_usage(batch.dataset, out.expert_weights.detach().float().mean(0))
         optimizer.step()

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -53,6 +52,7 @@ from torch import nn
 from egmf.model.experts import GlobalExpert, LocalExpert, masked_mean
 from egmf.model.fusion import FrontEnd, FusionModule, PseudoTokens, TimeEncoding
 from egmf.train.config import load_config
+from egmf.train.main import DEFAULT_RECIPE
 
 FRAMES, DIM = 32, 16
 LEVEL_AXIS, MARKER_AXIS = 0, 1  # the two fixed directions of the feature space; the rest carry content
@@ -166,7 +166,6 @@ def key_rule(clips: torch.Tensor) -> torch.Tensor:
 
 RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule, "key": key_rule}
 TEST_SIZE = 1024
-DEMO_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch/recipes/demo.toml")
 
 
 def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +222,7 @@ class FusionReader(nn.Module):
         super().__init__()
         overrides = [f"--fusion.experts={experts}", "--fusion.attention=sdpa"]
         overrides.append(f"--fusion.normalised_tokens={str(normalised_tokens).lower()}")
-        self.cfg = load_config(DEMO_RECIPE, overrides).fusion
+        self.cfg = load_config(DEFAULT_RECIPE, overrides).fusion
         self.fusion = FusionModule(self.cfg, {"probe": (DIM, 1)}, llm_hidden=token_width, llm_embed_rms=1.0)
         self.head = nn.Sequential(
             nn.Linear(self.cfg.num_pseudo_tokens * token_width, 128), nn.GELU(), nn.Linear(128, 1)
