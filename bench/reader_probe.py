@@ -4,6 +4,7 @@
     python bench/reader_probe.py --sets level --steps 500 # a quick look at one set
     python bench/reader_probe.py --sets key --train-size 16384 --free-tokens   # tokens not rescaled
     python bench/reader_probe.py --sets key --readers fusion_module,fusion_no_global --lr 1e-3   # the whole module
+    python bench/reader_probe.py --sets key --readers llm_linear,llm_text --lr 1e-3   # ... read by the tiny LLM
 
 The pseudo-token stage (K learned queries attending over the fused sequence) is
 a reader of the whole clip in its own right: any average over the clip, and many
@@ -30,8 +31,13 @@ global expert beside the local one (their outputs averaged: a uniform level-2 ga
 and the demo recipe's whole fusion module (all three experts, the level-2 gate and
 its auxiliary losses; text and vision one constant frame each), with and without
 the global expert, which also reports the level-2 gate it gives each expert on the
-test clips. Each pseudo token is rescaled to RMS 1, as the model does by default;
-with --free-tokens their magnitude is free (fusion.normalised_tokens = false).
+test clips; and that module's K tokens in a short prompt for the demo's tiny LLM
+with the demo recipe's LoRA, answered by a linear read of its last hidden state
+(squared error), by its own text answer as the model writes and decodes it
+(cross-entropy on the answer's tokens, constrained decoding), or by the text answer
+trained with the linear read's loss added. Each pseudo token is rescaled to RMS 1,
+as the model does by default; with --free-tokens their magnitude is free
+(fusion.normalised_tokens = false).
 Prints test MAE per set and reader next to always answering the median and to
 the rule that answers the set by hand from its frames (about the best a reader can
 do: it reads each value from one noisy frame, where a model may use more); figures
@@ -41,16 +47,24 @@ are recorded in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import math
 import sys
+import tempfile
 import time
 
 import torch
 from results import add_json_argument, comma_list, write_results
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from egmf.labels import Verbaliser
+from egmf.model.decoding import weighted_median
 from egmf.model.experts import GlobalExpert, LocalExpert, masked_mean
 from egmf.model.fusion import FrontEnd, FusionModule, PseudoTokens, TimeEncoding
+from egmf.model.llm import add_lora
+from egmf.model.tiny import build_tiny_llm
 from egmf.train.config import load_config
 from egmf.train.main import DEFAULT_RECIPE
 
@@ -166,6 +180,8 @@ def key_rule(clips: torch.Tensor) -> torch.Tensor:
 
 RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule, "key": key_rule}
 TEST_SIZE = 1024
+TEST_BATCH = 32
+"""Test clips per forward pass: the text reader scores every candidate answer of each clip at once."""
 
 
 def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,9 +190,32 @@ def make_split(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return torch.stack(clips), torch.tensor(scores)
 
 
-class Reader(nn.Module):
-    """Audio-only fusion: front end + time -> experts (averaged) -> K pseudo tokens -> MLP -> score.
-    The interface the training loop uses; without a level-2 gate it adds no loss and records nothing."""
+class ScoreReader(nn.Module):
+    """What the training loop asks of a reader: a loss on a batch and its answers, and the hooks of a level-2 gate
+    (none here: no auxiliary loss, nothing recorded). This base reads the score as its output, with a squared
+    error."""
+
+    def loss(self, audio: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return (self(audio) - scores).pow(2).mean()
+
+    def predict(self, audio: torch.Tensor) -> torch.Tensor:
+        return self(audio)
+
+    def set_training_progress(self, progress: float) -> None:
+        pass
+
+    def auxiliary_loss(self) -> torch.Tensor | float:
+        return 0.0
+
+    def after_step(self) -> None:
+        pass
+
+    def expert_weights(self) -> dict[str, float] | None:
+        return None
+
+
+class Reader(ScoreReader):
+    """Audio-only fusion: front end + time -> experts (averaged) -> K pseudo tokens -> MLP -> score."""
 
     def __init__(self, with_global: bool, normalised_tokens: bool, width: int = 64, heads: int = 4, tokens: int = 8):
         super().__init__()
@@ -200,43 +239,35 @@ class Reader(nn.Module):
         fused = torch.stack([expert(xs, masks, context)[0][1] for expert in self.experts]).mean(0)
         return self.head(self.pseudo(fused, mask).flatten(1)).squeeze(-1)
 
-    def set_training_progress(self, progress: float) -> None:
-        pass
 
-    def auxiliary_loss(self) -> torch.Tensor | float:
-        return 0.0
-
-    def after_step(self) -> None:
-        pass
-
-    def expert_weights(self) -> dict[str, float] | None:
-        return None
-
-
-class FusionReader(nn.Module):
+class FusionReader(ScoreReader):
     """The demo recipe's fusion module with the given experts, as the trainer runs it (level-2 gate, its noise and
     warm-up, its auxiliary losses weighted as the model weighs them), and an MLP over its K tokens. The set's clip
     is the audio; text and vision are one constant frame each."""
 
-    def __init__(self, experts: list[str], normalised_tokens: bool, token_width: int = 64):
+    def __init__(self, experts: list[str], normalised_tokens: bool, token_width: int = 64, token_rms: float = 1.0):
         super().__init__()
         overrides = [f"--fusion.experts={experts}", "--fusion.attention=sdpa"]
         overrides.append(f"--fusion.normalised_tokens={str(normalised_tokens).lower()}")
         self.cfg = load_config(DEFAULT_RECIPE, overrides).fusion
-        self.fusion = FusionModule(self.cfg, {"probe": (DIM, 1)}, llm_hidden=token_width, llm_embed_rms=1.0)
+        self.fusion = FusionModule(self.cfg, {"probe": (DIM, 1)}, llm_hidden=token_width, llm_embed_rms=token_rms)
         self.head = nn.Sequential(
             nn.Linear(self.cfg.num_pseudo_tokens * token_width, 128), nn.GELU(), nn.Linear(128, 1)
         )
         self.token_width, self.out = token_width, None
 
-    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+    def pseudo_tokens(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, K, token_width]; keeps the fusion output for the gate's hooks."""
         b = audio.shape[0]
         one_frame = torch.ones(b, 1, dtype=torch.bool)
         text, vision = torch.zeros(b, 1, self.token_width), torch.zeros(b, 1, 1)
         self.out = self.fusion(
             "probe", audio, torch.ones(audio.shape[:2], dtype=torch.bool), vision, one_frame, text, one_frame
         )
-        return self.head(self.out.pseudo_tokens.flatten(1)).squeeze(-1)
+        return self.out.pseudo_tokens
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pseudo_tokens(audio).flatten(1)).squeeze(-1)
 
     def set_training_progress(self, progress: float) -> None:
         self.fusion.set_training_progress(progress)
@@ -252,11 +283,106 @@ class FusionReader(nn.Module):
         return dict(zip(self.cfg.experts, self.out.expert_weights.mean(0).tolist(), strict=True))
 
 
+@functools.cache
+def tiny_llm_dir() -> str:
+    """The demo's tiny LLM (egmf.model.tiny, deterministic), written once per run into a temporary folder."""
+    folder = tempfile.TemporaryDirectory(prefix="reader-probe-llm-")
+    atexit.register(folder.cleanup)
+    return build_tiny_llm(folder.name)
+
+
+VERBALISER = Verbaliser.for_dataset("demo_reg_en")
+"""How the model writes the demo's scores: one decimal, from -3.0 to +3.0 (the range of every set's scores)."""
+
+
+class LLMReader(FusionReader):
+    """The whole fusion module's K tokens read by the demo's tiny LLM with the demo recipe's LoRA, in a short
+    prompt: bos, the K tokens, the cue "Intensity:".
+
+    answer "linear": a linear read of the LLM's last hidden state, trained with a squared error.
+    answer "text": the LLM's own answer, " +1.3" and eos as the model writes it, trained with cross-entropy on those
+    tokens (the per-token mean) and answered as constrained decoding answers (the weighted median over
+    the verbaliser's candidates).
+    answer "text+linear": answered as "text", trained on the sum of both losses.
+    """
+
+    def __init__(self, experts: list[str], normalised_tokens: bool, answer: str):
+        llm_dir = tiny_llm_dir()
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+        embeddings = llm.get_input_embeddings().weight.detach()
+        super().__init__(experts, normalised_tokens, embeddings.shape[1], float(embeddings.pow(2).mean().sqrt()))
+        self.llm, self.answer = add_lora(llm, load_config(DEFAULT_RECIPE).lora, gradient_checkpointing=False), answer
+        self.head = nn.Linear(embeddings.shape[1], 1) if "linear" in answer else None
+        cue = tokenizer("Intensity:", add_special_tokens=False).input_ids
+        self.register_buffer("prefix_ids", torch.tensor([tokenizer.bos_token_id]), persistent=False)
+        self.register_buffer("cue_ids", torch.tensor(cue), persistent=False)
+        answers = [
+            tokenizer(" " + c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            for c in VERBALISER.candidates()
+        ]
+        if len({len(ids) for ids in answers}) != 1:
+            raise ValueError(f"the tiny tokenizer splits the score answers into different lengths: {answers[:3]}")
+        self.register_buffer("candidate_ids", torch.tensor(answers), persistent=False)
+
+    def prompt(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + K + cue, width]: the prompt's input embeddings."""
+        tokens = self.pseudo_tokens(audio)
+        b, embed = len(audio), self.llm.get_input_embeddings()
+        return torch.cat([embed(self.prefix_ids).expand(b, -1, -1), tokens, embed(self.cue_ids).expand(b, -1, -1)], 1)
+
+    def answer_log_probs(self, prompt: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        """[B, A] summed log-probability of answers [B, A, T] after each prompt [B, P, width]."""
+        b, a, t = answers.shape
+        rows = torch.cat([prompt.repeat_interleave(a, 0), self.llm.get_input_embeddings()(answers.flatten(0, 1))], 1)
+        # The logits at the last prompt position and at every answer token but the last (eos) predict the answer.
+        logits = self.llm(inputs_embeds=rows, use_cache=False, logits_to_keep=t + 1).logits[:, :-1]
+        chosen = logits.float().log_softmax(-1).gather(-1, answers.flatten(0, 1)[..., None])
+        return chosen.view(b, a, t).sum(-1)
+
+    def linear_read(self, prompt: torch.Tensor) -> torch.Tensor:
+        """[B]: the linear read of the LLM's last hidden state at the prompt's last position."""
+        hidden = self.llm(inputs_embeds=prompt, output_hidden_states=True, use_cache=False).hidden_states
+        return self.head(hidden[-1][:, -1]).squeeze(-1)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.linear_read(self.prompt(audio))
+
+    def loss(self, audio: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        prompt = self.prompt(audio)
+        loss = torch.zeros(())
+        if "linear" in self.answer:
+            loss = loss + (self.linear_read(prompt) - scores).pow(2).mean()
+        if "text" in self.answer:
+            index = [VERBALISER.candidates().index(VERBALISER.verbalise(score)) for score in scores.tolist()]
+            answers = self.candidate_ids[index][:, None]
+            loss = loss - self.answer_log_probs(prompt, answers).mean() / answers.shape[-1]
+        return loss
+
+    def predict(self, audio: torch.Tensor) -> torch.Tensor:
+        if self.answer == "linear":
+            return self(audio)
+        answers = self.candidate_ids[None].expand(len(audio), -1, -1)
+        best = weighted_median(self.answer_log_probs(self.prompt(audio), answers))
+        return torch.tensor([VERBALISER.candidate_label(i) for i in best.tolist()])
+
+
+ALL_EXPERTS = ["local", "semantic", "global"]
 READERS = {
     "pseudo_tokens": ("local expert + pseudo tokens", lambda free: Reader(False, not free)),
     "with_global": ("+ global expert", lambda free: Reader(True, not free)),
-    "fusion_module": ("fusion module", lambda free: FusionReader(["local", "semantic", "global"], not free)),
+    "fusion_module": ("fusion module", lambda free: FusionReader(ALL_EXPERTS, not free)),
     "fusion_no_global": ("fusion module without global", lambda free: FusionReader(["local", "semantic"], not free)),
+    "llm_linear": ("fusion module + LLM, linear read", lambda free: LLMReader(ALL_EXPERTS, not free, "linear")),
+    "llm_linear_no_global": (
+        "fusion module without global + LLM, linear read",
+        lambda free: LLMReader(["local", "semantic"], not free, "linear"),
+    ),
+    "llm_text": ("fusion module + LLM, text answer", lambda free: LLMReader(ALL_EXPERTS, not free, "text")),
+    "llm_text_and_linear": (
+        "fusion module + LLM, text answer trained with the linear read",
+        lambda free: LLMReader(ALL_EXPERTS, not free, "text+linear"),
+    ),
 }
 """Each reader's name in the results: its column title and its model (given whether the tokens are free)."""
 
@@ -273,20 +399,30 @@ def train_and_test(train: tuple, test: tuple, reader: str, free_tokens: bool, st
     for step in range(steps):
         model.set_training_progress(step / steps)
         batch = torch.randint(0, len(x_train), (32,), generator=gen)
-        loss = (model(x_train[batch]) - y_train[batch]).pow(2).mean()
+        loss = model.loss(x_train[batch], y_train[batch])
         optimizer.zero_grad()
         (loss + model.auxiliary_loss()).backward()
         optimizer.step()
         model.after_step()
     model.eval()
+    predicted, gates = [], []
     with torch.no_grad():
-        predicted = model(x_test)
+        for clips in x_test.split(TEST_BATCH):
+            predicted.append(model.predict(clips))
+            gates.append(model.expert_weights())
     return {
-        "mae": (predicted - y_test).abs().mean().item(),
+        "mae": (torch.cat(predicted) - y_test).abs().mean().item(),
         "train_loss": loss.item(),
         "seconds": time.perf_counter() - start,
-        "gate": model.expert_weights(),
+        "gate": mean_gate(gates, [len(clips) for clips in x_test.split(TEST_BATCH)]),
     }
+
+
+def mean_gate(gates: list[dict[str, float] | None], sizes: list[int]) -> dict[str, float] | None:
+    """The level-2 gate over the whole test split from each batch's mean (None for a reader without one)."""
+    if gates[0] is None:
+        return None
+    return {name: sum(g[name] * n for g, n in zip(gates, sizes, strict=True)) / sum(sizes) for name in gates[0]}
 
 
 def run(
@@ -297,11 +433,12 @@ def run(
     free_tokens: bool = False,
     readers: list[str] = ("pseudo_tokens", "with_global"),
     lr: float = 2e-3,
+    test_size: int = TEST_SIZE,
 ) -> list[dict]:
     rows = []
     for name in sets:
         train = make_split(name, train_size, seed=1000 + seed)
-        x_test, y_test = test = make_split(name, TEST_SIZE, seed=2000 + seed)
+        x_test, y_test = test = make_split(name, test_size, seed=2000 + seed)
         row = {
             "set": name,
             "median_mae": (y_test - y_test.median()).abs().mean().item(),
@@ -321,9 +458,9 @@ def format_cell(result: dict) -> str:
     return cell
 
 
-def format_table(rows: list[dict], steps: int, seed: int, readers: list[str], lr: float) -> str:
+def format_table(rows: list[dict], steps: int, seed: int, readers: list[str], lr: float, test_size: int) -> str:
     lines = [
-        f"{steps} steps x 32 clips, Adam {lr:g}, seed {seed}; test MAE over {TEST_SIZE} clips (train loss at the "
+        f"{steps} steps x 32 clips, Adam {lr:g}, seed {seed}; test MAE over {test_size} clips (train loss at the "
         "last step) [level-2 gate on the test clips]",
         "| set | always the median | the set's rule by hand | " + " | ".join(READERS[r][0] for r in readers) + " |",
         "|---|---|---|" + "---|" * len(readers),
@@ -342,6 +479,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=4096)
+    parser.add_argument("--test-size", type=int, default=TEST_SIZE)
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate")
     parser.add_argument(
         "--readers", default="pseudo_tokens,with_global", help=f"comma-separated, of {', '.join(READERS)}"
@@ -353,8 +491,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     sets = comma_list(parser, args.sets, SETS, "sets")
     readers = comma_list(parser, args.readers, READERS, "readers")
-    rows = run(sets, args.steps, args.seed, args.train_size, args.free_tokens, readers, args.lr)
-    print(format_table(rows, args.steps, args.seed, readers, args.lr))
+    rows = run(sets, args.steps, args.seed, args.train_size, args.free_tokens, readers, args.lr, args.test_size)
+    print(format_table(rows, args.steps, args.seed, readers, args.lr, args.test_size))
     write_results(args.json, rows)
     return rows
 

@@ -222,6 +222,43 @@ def test_reader_probe_trains_the_whole_fusion_module_and_reports_its_gate(tmp_pa
     assert "Adam 0.001" in out and "| fusion module | fusion module without global |" in out and "[local 0." in out
 
 
+def test_reader_probe_trains_the_module_read_by_the_tiny_llm(tmp_path):
+    readers = "llm_linear,llm_linear_no_global,llm_text_and_linear"
+    args = ["--sets", "key", "--steps", "3", "--train-size", "64", "--test-size", "40", "--readers", readers]
+    out, rows = run_bench("reader_probe.py", args, tmp_path)
+    (row,) = rows
+    assert list(row["llm_linear"]["gate"]) == ["local", "semantic", "global"]
+    assert list(row["llm_linear_no_global"]["gate"]) == ["local", "semantic"]
+    for reader in readers.split(","):
+        assert abs(sum(row[reader]["gate"].values()) - 1) < 1e-4 and 0 < row[reader]["mae"] < 10, row[reader]
+    assert "test MAE over 40 clips" in out and "| fusion module + LLM, linear read |" in out
+
+
+def test_the_probes_text_answer_is_scored_as_the_llm_scores_it(monkeypatch):
+    """The text reader's loss is the LLM's own teacher-forced loss on the answer as the verbaliser writes it (an
+    answer position off by one would train on the wrong tokens), and it answers with one of the ordered
+    candidates that the weighted median needs."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import reader_probe
+    import torch
+
+    torch.manual_seed(0)
+    reader = reader_probe.LLMReader(["local", "global"], normalised_tokens=False, answer="text").eval()
+    clips, _ = reader_probe.make_split("key", 4, seed=0)
+    scores = torch.tensor([-2.96, -0.04, 0.06, 1.26])
+    assert [reader_probe.VERBALISER.candidates()[i] for i in (0, 30, 31, 43)] == ["-3.0", "+0.0", "+0.1", "+1.3"]
+    with torch.no_grad():
+        prompt = reader.prompt(clips)
+        answers = reader.candidate_ids[[0, 30, 31, 43]]
+        labels = torch.cat([torch.full(prompt.shape[:2], -100), answers], 1)
+        rows = torch.cat([prompt, reader.llm.get_input_embeddings()(answers)], 1)
+        expected = reader.llm(inputs_embeds=rows, labels=labels, use_cache=False).loss
+        assert torch.allclose(reader.loss(clips, scores), expected, atol=1e-5)
+        candidates = [float(c) for c in reader_probe.VERBALISER.candidates()]
+        assert candidates == sorted(candidates)
+        assert all(min(abs(p - c) for c in candidates) < 1e-6 for p in reader.predict(clips).tolist())
+
+
 def test_reader_probe_rejects_an_unknown_set():
     command = [sys.executable, "bench/reader_probe.py", "--sets", "pair,nope"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
