@@ -25,9 +25,11 @@ DIMS = {"demo_cls_en": (16, 12), "demo_cls_zh": (12, 20), "demo_reg_en": (16, 12
 K = 4
 
 
-def build_model(tiny_llm, checkpointing=False, text_only=False, lora=True, aligned=True, normalised=False) -> EGMFModel:
+def build_model(
+    tiny_llm, checkpointing=False, text_only=False, lora=True, aligned=True, normalised=False, score_read=0.0
+) -> EGMFModel:
     torch.manual_seed(0)
-    fusion = dict(width=32, heads=4, num_pseudo_tokens=K, global_layers=1, dropout=0.0)
+    fusion = dict(width=32, heads=4, num_pseudo_tokens=K, global_layers=1, dropout=0.0, score_read_coef=score_read)
     return EGMFModel.build(
         FusionConfig(**fusion, semantic_alignment=aligned, normalised_updates=normalised),
         PromptConfig(text_only=text_only),
@@ -155,6 +157,40 @@ def test_packed_layout(tiny_llm, demo_root):
     assert first[len(rows[0]) : len(rows[0]) + len(rows[1])].tolist() == list(range(len(rows[1])))
     assert int(prompt.pseudo_mask.sum()) == 5 * K and int(prompt.attention_mask.sum()) == sum(map(len, rows))
     assert (prompt.labels[prompt.attention_mask == 0] == IGNORE).all()
+
+
+def test_the_score_read_reads_each_samples_answer_cue_packed_or_not(tiny_llm, demo_root):
+    """fusion.score_read_coef: a squared error of a linear read of the LLM's last hidden state at the position
+    that predicts the first answer token, against the score scaled to -1..1; on score batches only."""
+    assert build_model(tiny_llm).fusion.score_read is None  # off by default: no extra weights
+    model = build_model(tiny_llm, score_read=0.5).eval()
+    batch = first_batch(demo_root, "demo_reg_zh", batch_size=7)
+    with torch.no_grad():
+        out = model(batch, packed=False)
+        prompt, embeds, _ = model.prompt_embeddings(batch, with_answers=True)
+        hidden = model.llm(
+            inputs_embeds=embeds,
+            attention_mask=prompt.attention_mask,
+            position_ids=prompt.position_ids,
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        answer_length = int((prompt.labels[0] != IGNORE).sum())  # left-padded rows: every answer ends its row
+        read = model.fusion.score_read(hidden[:, -answer_length - 1]).squeeze(-1)
+        low, high = model.prompts.verbaliser("demo_reg_zh").spec.label_range
+        scaled = (torch.tensor(batch.labels) - (low + high) / 2) / ((high - low) / 2)
+        torch.testing.assert_close(out.aux_losses["score_read"], (read - scaled).pow(2).mean())
+        expected = (
+            model.fusion.weighted_aux_loss(out.aux_losses, onto=out.task_loss) + 0.5 * out.aux_losses["score_read"]
+        )
+        torch.testing.assert_close(out.loss, expected)
+        longest = max(map(len, model.prompts.sample_rows(batch, with_answers=True)[0]))
+        model.prompts.cfg.pack_tokens = 3 * longest
+        torch.testing.assert_close(model(batch).aux_losses["score_read"], out.aux_losses["score_read"])
+        assert "score_read" not in model(first_batch(demo_root, "demo_cls_en")).aux_losses
+    model.train()
+    model.prompts.cfg.pack_tokens = 0
+    model(batch).aux_losses["score_read"].backward()
+    assert model.fusion.pseudo.queries.grad.abs().sum() > 0 and model.fusion.score_read.weight.grad.abs().sum() > 0
 
 
 def test_packing_keeps_order_uses_fewest_rows_and_balances_them():
@@ -361,6 +397,9 @@ def test_fusion_weights_of_another_config_say_which_field_to_set(tiny_llm, tmp_p
     with pytest.raises(ConfigError, match="fusion.normalised_updates = true") as error:
         build_model(tiny_llm, aligned=False).load_exported(str(tmp_path))
     assert "fusion.semantic_alignment = true" in str(error.value)
+    build_model(tiny_llm, score_read=1.0).export(str(tmp_path))
+    with pytest.raises(ConfigError, match="fusion.score_read_coef > 0"):
+        build_model(tiny_llm).load_exported(str(tmp_path))
 
 
 def test_our_calls_raise_no_deprecation_warnings(tiny_llm, demo_root, caplog):

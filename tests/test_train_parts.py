@@ -435,3 +435,21 @@ def test_a_busy_rendezvous_port_is_named_with_the_fix(demo_root, tiny_llm, tmp_p
         )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"the rendezvous port 127.0.0.1:{port} is already in use" in done.stderr and "--master_port" in done.stderr
+
+
+def test_the_window_averages_the_score_read_over_the_batches_that_have_it():
+    """train/aux/score_read: the score read's loss over the score batches of the window, not diluted by the class
+    batches that have none, and absent from a window without score batches."""
+    from egmf.model.egmf_model import EGMFOutput
+    from egmf.train.throughput import Window
+
+    def output(**aux):
+        loss = torch.tensor(1.0)
+        return EGMFOutput(loss, loss, {k: torch.tensor(v) for k, v in aux.items()}, None, {}, num_tokens=10)
+
+    window = Window([], ["demo_cls_en", "demo_reg_en"])
+    window.add_micro_batch(output(balance=1.0, z=0.0), "demo_cls_en", samples=4)
+    assert "train/aux/score_read" not in window.metrics(1, torch.device("cpu"), 0.0, None)
+    window.add_micro_batch(output(balance=1.0, z=0.0, score_read=0.3), "demo_reg_en", samples=4)
+    window.add_micro_batch(output(balance=1.0, z=0.0, score_read=0.5), "demo_reg_en", samples=4)
+    assert abs(window.metrics(1, torch.device("cpu"), 0.0, None)["train/aux/score_read"] - 0.4) < 1e-6

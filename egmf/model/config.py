@@ -71,6 +71,12 @@ class FusionConfig:
     z_loss_coef: float = 1e-4
     """Weight of the level-2 router z-loss mean(logsumexp(logits)²) over centred logits (egmf/model/gates.py;
     ST-MoE); 0: off. Small on purpose: it only has to win where a saturated softmax passes no task gradient."""
+    score_read_coef: float = 0.0
+    """Weight of the score read: a squared error between a linear read of the LLM's last hidden state at the answer
+    cue and the sample's score (scaled to -1..1 by the dataset's label range), added to the loss of score datasets
+    in training. The answer stays the LLM's text; the read only teaches. Trained on the text answer alone, the
+    fusion module does not learn a relation such as a look-up between distant frames; with the read it does
+    (docs/model.md). 0: off."""
     gate_noise: float = 0.3
     """Std of the Gaussian noise on the level-2 gate's logits at the start of training; 0: no noise."""
     gate_noise_ratio: float = 0.5
@@ -106,7 +112,7 @@ class FusionConfig:
         if self.attention not in BACKENDS:
             found.append(f"fusion.attention {self.attention!r} is not one of {', '.join(BACKENDS)}")
         found += range_problems("fusion", self, ["dropout", "usage_momentum"], low=0, high=1, high_open=True)
-        found += range_problems("fusion", self, ("balance_coef", "z_loss_coef", "gate_noise"), low=0)
+        found += range_problems("fusion", self, ("balance_coef", "z_loss_coef", "score_read_coef", "gate_noise"), low=0)
         found += range_problems("fusion", self, ("gate_noise_ratio", "gate_warmup_ratio"), low=0, high=1)
         return found
 

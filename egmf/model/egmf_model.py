@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from egmf.config import build as build_section
 from egmf.data.collate import Batch
-from egmf.datasets import CLASSIFICATION, add_spec, spec_from_dict
+from egmf.datasets import CLASSIFICATION, REGRESSION, add_spec, get_spec, spec_from_dict
 from egmf.errors import ConfigError
 from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfig, PromptConfig
 from egmf.model.decoding import greedy, score_candidates, weighted_median
@@ -42,11 +42,13 @@ MERGED_DIR = "merged"
 @dataclass
 class EGMFOutput:
     loss: torch.Tensor
-    """What training minimises: task_loss + fusion.balance_coef · balance + fusion.z_loss_coef · z."""
+    """What training minimises: task_loss + fusion.balance_coef · balance + fusion.z_loss_coef · z
+    (+ fusion.score_read_coef · score_read on score batches)."""
     task_loss: torch.Tensor
     """Cross-entropy on the answer tokens."""
     aux_losses: dict[str, torch.Tensor]
-    """The level-2 gate's auxiliary losses, unweighted ({} in the text-only ablation)."""
+    """The level-2 gate's auxiliary losses and, on score batches with fusion.score_read_coef > 0, the score read's
+    ("score_read"), unweighted ({} in the text-only ablation)."""
     expert_weights: torch.Tensor | None
     """[B, E] level-2 gate values (None in the text-only ablation)."""
     inner_gates: dict[str, torch.Tensor]
@@ -173,18 +175,39 @@ class EGMFModel(nn.Module):
         rows; the LLM then gets no 2-D mask and separates the samples by their restarting positions."""
         packed = bool(self.prompts.cfg.pack_tokens) if packed is None else packed
         prompt, embeds, fused = self.prompt_embeddings(batch, with_answers=True, packed=packed)
+        read = fused is not None and self.fusion.score_read is not None and batch.task == REGRESSION
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=None if packed else prompt.attention_mask,
             position_ids=prompt.position_ids,
             labels=prompt.labels,
             use_cache=False,
+            output_hidden_states=read,
         )
         num_tokens = int(prompt.attention_mask.sum())
         if fused is None:
             return EGMFOutput(out.loss, out.loss, {}, None, {}, num_tokens)
         loss = self.fusion.weighted_aux_loss(fused.aux_losses, onto=out.loss)
-        return EGMFOutput(loss, out.loss, fused.aux_losses, fused.expert_weights, fused.inner_gates, num_tokens)
+        aux = dict(fused.aux_losses)
+        if read:
+            aux["score_read"] = self.score_read_loss(out.hidden_states[-1], prompt.labels, batch)
+            loss = loss + self.fusion.cfg.score_read_coef * aux["score_read"]
+        return EGMFOutput(loss, out.loss, aux, fused.expert_weights, fused.inner_gates, num_tokens)
+
+    def score_read_loss(self, hidden: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The score read's squared error (fusion.score_read_coef), in float32: a linear read of the LLM's last
+        hidden state [B, T, H] at each sample's answer cue, the position that predicts its first answer token,
+        against its score scaled to -1..1 by the dataset's label range. The cues come in batch order, row after
+        row when packed, as the samples do."""
+        first = (labels != IGNORE) & (F.pad(labels[:, :-1], (1, 0), value=IGNORE) == IGNORE)
+        rows, columns = first.nonzero(as_tuple=True)
+        if len(rows) != len(batch.labels):
+            raise RuntimeError(f"found {len(rows)} answers for {len(batch.labels)} samples of {batch.dataset}")
+        cues = hidden[rows, columns - 1]
+        read = self.fusion.score_read(cues.to(self.fusion.score_read.weight.dtype)).squeeze(-1).float()
+        low, high = get_spec(batch.dataset).label_range
+        scores = torch.tensor(batch.labels, dtype=torch.float32, device=read.device)
+        return (read - (scores - (low + high) / 2) / ((high - low) / 2)).pow(2).mean()
 
     @torch.no_grad()
     def sample_losses(self, batch: Batch) -> list[float]:
@@ -260,10 +283,12 @@ class EGMFModel(nn.Module):
 
 
 SWITCHED_WEIGHTS = {
-    ".align.": ("semantic_alignment", "the semantic expert's aligned path"),
-    "update_scale": ("normalised_updates", "normalised expert updates"),
+    ".align.": ("semantic_alignment", "the semantic expert's aligned path", " = true", " = false"),
+    "update_scale": ("normalised_updates", "normalised expert updates", " = true", " = false"),
+    "score_read.": ("score_read_coef", "the score read", " > 0", " = 0"),
 }
-"""Fusion weights that exist only with a config switch on: key fragment -> (fusion field, what it is)."""
+"""Fusion weights that exist only with a config switch on: key fragment -> (fusion field, what it is, the setting
+that has them, the one that has not)."""
 
 
 def check_fusion_weights(path: str, state: dict, fusion: FusionModule) -> None:
@@ -274,11 +299,11 @@ def check_fusion_weights(path: str, state: dict, fusion: FusionModule) -> None:
     if not missing and not unexpected:
         return
     hints = []
-    for fragment, (field_name, what) in SWITCHED_WEIGHTS.items():
+    for fragment, (field_name, what, on, off) in SWITCHED_WEIGHTS.items():
         saved_with = any(fragment in k for k in unexpected)
         if saved_with or any(fragment in k for k in missing):
             hints.append(
-                f"set fusion.{field_name} = {str(saved_with).lower()} (the saved model was trained "
+                f"set fusion.{field_name}{on if saved_with else off} (the saved model was trained "
                 f"{'with' if saved_with else 'without'} {what})"
             )
     raise ConfigError(

@@ -187,6 +187,8 @@ class FusionModule(nn.Module):
         # of RMS against 1.25 for the input (demo shapes, width 128), so this starts the fused update of the same
         # order as the input's, below it.
         self.update_scale = nn.Parameter(torch.full((1,), 0.5)) if cfg.normalised_updates else None
+        # The score read (fusion.score_read_coef): trained with the fusion module, saved with it, used in training.
+        self.score_read = nn.Linear(llm_hidden, 1) if cfg.score_read_coef > 0 else None
 
     def forward(
         self,

@@ -53,7 +53,8 @@ class Window:
     """Sums over the optimizer steps since the last log line, on this rank; `metrics` averages them over ranks.
 
     `train/loss/DATASET`: the task loss per dataset of the mix, so that a set stuck on a plateau shows while it
-    trains, not only at the next evaluation.
+    trains, not only at the next evaluation. `train/aux/NAME`: the model's auxiliary losses, unweighted (the
+    level-2 gate's balance and z; the score read's on score batches, when it is on).
 
     Gate telemetry per micro-batch (natural-log entropies: ln 3 = 1.10 is a uniform gate over three experts):
     `gate/EXPERT` and `gate/DATASET/EXPERT` (mean level-2 weight), `gate/entropy_mean` (mean per-sample entropy),
@@ -64,7 +65,8 @@ class Window:
     def __init__(self, expert_names: list[str], datasets: list[str]):
         self.expert_names = list(expert_names)
         # Every rank reduces the same vector, so its layout is fixed here, not by what a window happened to see.
-        keys = ["train/loss", "train/aux/balance", "train/aux/z"] + [f"train/loss/{d}" for d in datasets]
+        keys = ["train/loss", "train/aux/balance", "train/aux/z", "train/aux/score_read"]
+        keys += [f"train/loss/{d}" for d in datasets]
         if self.expert_names:
             keys += [f"gate/{e}" for e in self.expert_names] + ["gate/entropy_mean", "gate/entropy_batch"]
             keys += [f"gate/argmax_share/{e}" for e in self.expert_names]
