@@ -59,11 +59,12 @@ from results import add_json_argument, comma_list, write_results
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from egmf.labels import Verbaliser
+from egmf.model.config import PromptConfig
 from egmf.model.decoding import weighted_median
 from egmf.model.experts import GlobalExpert, LocalExpert, masked_mean
 from egmf.model.fusion import FrontEnd, FusionModule, PseudoTokens, TimeEncoding
 from egmf.model.llm import add_lora
+from egmf.model.prompt import PromptBuilder
 from egmf.model.tiny import build_tiny_llm
 from egmf.train.config import load_config
 from egmf.train.main import DEFAULT_RECIPE
@@ -291,8 +292,9 @@ def tiny_llm_dir() -> str:
     return build_tiny_llm(folder.name)
 
 
-VERBALISER = Verbaliser.for_dataset("demo_reg_en")
-"""How the model writes the demo's scores: one decimal, from -3.0 to +3.0 (the range of every set's scores)."""
+SCORE_DATASET = "demo_reg_en"
+"""The demo set whose answers the text reader writes: one decimal, from -3.0 to +3.0 (the range of every set's
+scores)."""
 
 
 class LLMReader(FusionReader):
@@ -314,13 +316,11 @@ class LLMReader(FusionReader):
         super().__init__(experts, normalised_tokens, embeddings.shape[1], float(embeddings.pow(2).mean().sqrt()))
         self.llm, self.answer = add_lora(llm, load_config(DEFAULT_RECIPE).lora, gradient_checkpointing=False), answer
         self.head = nn.Linear(embeddings.shape[1], 1) if "linear" in answer else None
-        cue = tokenizer("Intensity:", add_special_tokens=False).input_ids
+        prompts = PromptBuilder(PromptConfig(), tokenizer, self.cfg.num_pseudo_tokens)
+        self.verbaliser = prompts.verbaliser(SCORE_DATASET)
         self.register_buffer("prefix_ids", torch.tensor([tokenizer.bos_token_id]), persistent=False)
-        self.register_buffer("cue_ids", torch.tensor(cue), persistent=False)
-        answers = [
-            tokenizer(" " + c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            for c in VERBALISER.candidates()
-        ]
+        self.register_buffer("cue_ids", torch.tensor(prompts.tokens("Intensity:")), persistent=False)
+        answers = prompts.candidate_tokens(SCORE_DATASET)  # as the model writes and scores them
         if len({len(ids) for ids in answers}) != 1:
             raise ValueError(f"the tiny tokenizer splits the score answers into different lengths: {answers[:3]}")
         self.register_buffer("candidate_ids", torch.tensor(answers), persistent=False)
@@ -354,7 +354,8 @@ class LLMReader(FusionReader):
         if "linear" in self.answer:
             loss = loss + (self.linear_read(prompt) - scores).pow(2).mean()
         if "text" in self.answer:
-            index = [VERBALISER.candidates().index(VERBALISER.verbalise(score)) for score in scores.tolist()]
+            candidates = self.verbaliser.candidates()
+            index = [candidates.index(self.verbaliser.verbalise(score)) for score in scores.tolist()]
             answers = self.candidate_ids[index][:, None]
             loss = loss - self.answer_log_probs(prompt, answers).mean() / answers.shape[-1]
         return loss
@@ -364,7 +365,7 @@ class LLMReader(FusionReader):
             return self(audio)
         answers = self.candidate_ids[None].expand(len(audio), -1, -1)
         best = weighted_median(self.answer_log_probs(self.prompt(audio), answers))
-        return torch.tensor([VERBALISER.candidate_label(i) for i in best.tolist()])
+        return torch.tensor([self.verbaliser.candidate_label(i) for i in best.tolist()])
 
 
 ALL_EXPERTS = ["local", "semantic", "global"]
@@ -405,16 +406,17 @@ def train_and_test(train: tuple, test: tuple, reader: str, free_tokens: bool, st
         optimizer.step()
         model.after_step()
     model.eval()
-    predicted, gates = [], []
+    predicted, gates, sizes = [], [], []
     with torch.no_grad():
         for clips in x_test.split(TEST_BATCH):
             predicted.append(model.predict(clips))
             gates.append(model.expert_weights())
+            sizes.append(len(clips))
     return {
         "mae": (torch.cat(predicted) - y_test).abs().mean().item(),
         "train_loss": loss.item(),
         "seconds": time.perf_counter() - start,
-        "gate": mean_gate(gates, [len(clips) for clips in x_test.split(TEST_BATCH)]),
+        "gate": mean_gate(gates, sizes),
     }
 
 

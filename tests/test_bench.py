@@ -246,7 +246,7 @@ def test_the_probes_text_answer_is_scored_as_the_llm_scores_it(monkeypatch):
     reader = reader_probe.LLMReader(["local", "global"], normalised_tokens=False, answer="text").eval()
     clips, _ = reader_probe.make_split("key", 4, seed=0)
     scores = torch.tensor([-2.96, -0.04, 0.06, 1.26])
-    assert [reader_probe.VERBALISER.candidates()[i] for i in (0, 30, 31, 43)] == ["-3.0", "+0.0", "+0.1", "+1.3"]
+    assert [reader.verbaliser.candidates()[i] for i in (0, 30, 31, 43)] == ["-3.0", "+0.0", "+0.1", "+1.3"]
     with torch.no_grad():
         prompt = reader.prompt(clips)
         answers = reader.candidate_ids[[0, 30, 31, 43]]
@@ -254,7 +254,7 @@ def test_the_probes_text_answer_is_scored_as_the_llm_scores_it(monkeypatch):
         rows = torch.cat([prompt, reader.llm.get_input_embeddings()(answers)], 1)
         expected = reader.llm(inputs_embeds=rows, labels=labels, use_cache=False).loss
         assert torch.allclose(reader.loss(clips, scores), expected, atol=1e-5)
-        candidates = [float(c) for c in reader_probe.VERBALISER.candidates()]
+        candidates = [float(c) for c in reader.verbaliser.candidates()]
         assert candidates == sorted(candidates)
         assert all(min(abs(p - c) for c in candidates) < 1e-6 for p in reader.predict(clips).tolist())
 
