@@ -75,6 +75,17 @@ def test_values_are_validated_after_types():
         load_config(None, ["--data.train={mosi = 1.0}", "--data.truncation=tail"])
 
 
+def test_the_score_read_names_score_sets_that_train():
+    recipe = "launch/recipes/demo.toml"
+    assert load_config(recipe, ['--fusion.score_read_datasets=["demo_reg_en"]']).fusion.score_read_datasets == [
+        "demo_reg_en"
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ['--fusion.score_read_datasets=["demo_cls_en", "mosei"]'])
+    assert "'demo_cls_en' is a classification set" in str(info.value)
+    assert "'mosei' does not train (data.train has no such dataset)" in str(info.value)
+
+
 def test_bad_recipes_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "none.toml"))

@@ -193,6 +193,17 @@ def test_the_score_read_reads_each_samples_answer_cue_packed_or_not(tiny_llm, de
     assert model.fusion.pseudo.queries.grad.abs().sum() > 0 and model.fusion.score_read.weight.grad.abs().sum() > 0
 
 
+def test_the_score_read_trains_only_on_the_score_sets_it_names(tiny_llm, demo_root):
+    """fusion.score_read_datasets: the read's loss on those sets' batches only; the others keep their text loss
+    alone (and never ask the LLM for its hidden states)."""
+    model = build_model(tiny_llm, score_read=0.5)
+    model.fusion.cfg.score_read_datasets = ["demo_reg_zh"]
+    with torch.no_grad():
+        named, other = (model(first_batch(demo_root, name)) for name in ("demo_reg_zh", "demo_reg_en"))
+    assert "score_read" in named.aux_losses and "score_read" not in other.aux_losses
+    torch.testing.assert_close(other.loss, model.fusion.weighted_aux_loss(other.aux_losses, onto=other.task_loss))
+
+
 def test_packing_keeps_order_uses_fewest_rows_and_balances_them():
     assert pack_consecutive([5, 4, 3, 9, 2], 10) == [[0, 1], [2], [3], [4]]  # 9 + 3 and 9 + 2 do not fit
     assert pack_consecutive([5, 4, 3, 9, 2], 100) == [[0, 1, 2, 3, 4]]

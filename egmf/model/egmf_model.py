@@ -175,7 +175,7 @@ class EGMFModel(nn.Module):
         rows; the LLM then gets no 2-D mask and separates the samples by their restarting positions."""
         packed = bool(self.prompts.cfg.pack_tokens) if packed is None else packed
         prompt, embeds, fused = self.prompt_embeddings(batch, with_answers=True, packed=packed)
-        read = fused is not None and self.fusion.score_read is not None and batch.task == REGRESSION
+        read = fused is not None and self.fusion.reads_scores_of(batch.dataset) and batch.task == REGRESSION
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=None if packed else prompt.attention_mask,

@@ -233,6 +233,10 @@ class FusionModule(nn.Module):
         figures recorded in docs/ would no longer reproduce."""
         return onto + self.cfg.balance_coef * aux_losses["balance"] + self.cfg.z_loss_coef * aux_losses["z"]
 
+    def reads_scores_of(self, dataset: str) -> bool:
+        """Whether the score read trains on `dataset`'s score batches (fusion.score_read_coef, score_read_datasets)."""
+        return self.score_read is not None and dataset in (self.cfg.score_read_datasets or [dataset])
+
     def record_gate_usage(self, dataset: str, batch_mean: torch.Tensor) -> None:
         """After an optimizer step on `dataset`: its mean level-2 gate (over micro-batches and ranks) for the
         balance loss."""

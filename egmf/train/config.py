@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from egmf.config import build_tree, range_problems, read_recipe, table_valued_fields
 from egmf.data.config import DataConfig
-from egmf.datasets import is_known
+from egmf.datasets import get_spec, is_known
 from egmf.metrics import metric_names
 from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfig, PromptConfig
 from egmf.tracking import MLflowConfig
@@ -231,12 +231,23 @@ class Config:
         return ["prompt.text_only with lora.enabled = false leaves nothing to train"] * nothing_trains + (
             data_problems
             + self.fusion.problems()
+            + self.score_read_problems()
             + self.prompt.problems(known)
             + self.optim.problems()
             + self.train.problems()
             + self.eval.problems([d for d in self.data.eval if is_known(d)])
             + self.checkpoint.problems()
         )
+
+    def score_read_problems(self) -> list[str]:
+        """fusion.score_read_datasets must name score datasets that train."""
+        found = []
+        for name in self.fusion.score_read_datasets:
+            if name not in self.data.train:
+                found.append(f"fusion.score_read_datasets: {name!r} does not train (data.train has no such dataset)")
+            elif is_known(name) and get_spec(name).labels:
+                found.append(f"fusion.score_read_datasets: {name!r} is a classification set; the read reads scores")
+        return found
 
     def to_dict(self) -> dict:
         return asdict(self)
