@@ -24,7 +24,8 @@ error:
 - key: four marked events, each with a value and an angle drawn for each clip, and
   one key event with an angle; score = the value of the event whose angle is
   nearest the key's (a look-up between distant frames by a content that changes
-  from clip to clip, in a two-dimensional key space).
+  from clip to clip, in a two-dimensional key space);
+- key2: the same look-up among two value events (not in the default run).
 
 Readers (--readers): the local expert and the pseudo tokens, and the same with the
 global expert beside the local one (their outputs averaged: a uniform level-2 gate);
@@ -124,16 +125,17 @@ def on_circle(angles: torch.Tensor) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()], -1)
 
 
-def key_clip(gen: torch.Generator) -> tuple[torch.Tensor, float]:
+def key_clip(gen: torch.Generator, count: int = 4) -> tuple[torch.Tensor, float]:
+    """`count` value events and a key event (at most 4 + 1 fit the clip 6 frames apart)."""
     clip = 0.3 * torch.randn(FRAMES, DIM, generator=gen)
     jitter = 0.15 * 2 * math.pi / KEY_SLOTS
-    angles = torch.randperm(KEY_SLOTS, generator=gen)[:4] * 2 * math.pi / KEY_SLOTS
-    angles = angles + (torch.rand(4, generator=gen) - 0.5) * jitter
-    values = torch.empty(4).uniform_(-2, 2, generator=gen)
-    target = int(torch.randint(0, 4, (), generator=gen))
+    angles = torch.randperm(KEY_SLOTS, generator=gen)[:count] * 2 * math.pi / KEY_SLOTS
+    angles = angles + (torch.rand(count, generator=gen) - 0.5) * jitter
+    values = torch.empty(count).uniform_(-2, 2, generator=gen)
+    target = int(torch.randint(0, count, (), generator=gen))
     key = angles[target] + (torch.rand((), generator=gen) - 0.5) * jitter
-    positions = event_positions(5, 6, gen)
-    events, key_position = positions[:4], positions[4]
+    positions = event_positions(count + 1, 6, gen)
+    events, key_position = positions[:count], positions[count]
     clip[events, MARKER_AXIS] += 3.0
     clip[events, LEVEL_AXIS] += values
     clip[events[:, None], KEY_PLANE] += 3.0 * on_circle(angles)
@@ -142,7 +144,14 @@ def key_clip(gen: torch.Generator) -> tuple[torch.Tensor, float]:
     return clip, float(values[target])
 
 
-SETS = {"drift": drift_clip, "level": level_clip, "pair": pair_clip, "key": key_clip}
+SETS = {
+    "drift": drift_clip,
+    "level": level_clip,
+    "pair": pair_clip,
+    "key": key_clip,
+    "key2": functools.partial(key_clip, count=2),
+}
+DEFAULT_SETS = ["drift", "level", "pair", "key"]
 
 
 # The rules that answer each set from the frames by hand: about the best a reader can do, and a check that each
@@ -179,7 +188,7 @@ def key_rule(clips: torch.Tensor) -> torch.Tensor:
     return events[torch.arange(len(clips)), nearest, LEVEL_AXIS]
 
 
-RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule, "key": key_rule}
+RULES = {"drift": drift_rule, "level": level_rule, "pair": pair_rule, "key": key_rule, "key2": key_rule}
 TEST_SIZE = 1024
 TEST_BATCH = 32
 """Test clips per forward pass: the text reader scores every candidate answer of each clip at once."""
@@ -477,7 +486,7 @@ def format_table(rows: list[dict], steps: int, seed: int, readers: list[str], lr
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
+    parser.add_argument("--sets", default=",".join(DEFAULT_SETS), help=f"comma-separated, of {', '.join(SETS)}")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=4096)

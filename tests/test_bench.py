@@ -210,6 +210,17 @@ def test_reader_probe_trains_both_readers_on_every_set(tmp_path):
     assert "| level |" in out and "+ global expert |" in out
 
 
+def test_reader_probes_two_value_key_set_is_answered_by_its_rule_and_not_by_their_mean(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import reader_probe
+
+    clips, scores = reader_probe.make_split("key2", 256, seed=0)
+    values = clips[reader_probe.marked(clips)].view(len(clips), -1, reader_probe.DIM)[..., reader_probe.LEVEL_AXIS]
+    assert values.shape == (256, 2)  # two value events in every clip
+    assert (reader_probe.RULES["key2"](clips) - scores).abs().mean() < 0.45
+    assert (values.mean(1) - scores).abs().mean() > 0.5  # their mean is not the answer
+
+
 def test_reader_probe_trains_the_whole_fusion_module_and_reports_its_gate(tmp_path):
     args = ["--sets", "key", "--steps", "3", "--train-size", "64", "--readers", "fusion_module,fusion_no_global"]
     out, rows = run_bench("reader_probe.py", args + ["--lr", "1e-3", "--free-tokens"], tmp_path)
@@ -262,4 +273,4 @@ def test_the_probes_text_answer_is_scored_as_the_llm_scores_it(monkeypatch):
 def test_reader_probe_rejects_an_unknown_set():
     command = [sys.executable, "bench/reader_probe.py", "--sets", "pair,nope"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "unknown sets nope; known: drift, level, pair, key" in done.stderr
+    assert done.returncode != 0 and "unknown sets nope; known: drift, level, pair, key, key2" in done.stderr
