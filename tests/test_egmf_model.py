@@ -195,7 +195,7 @@ def test_the_score_read_reads_each_samples_answer_cue_packed_or_not(tiny_llm, de
 
 def test_the_score_read_trains_only_on_the_score_sets_it_names(tiny_llm, demo_root):
     """fusion.score_read_datasets: the read's loss on those sets' batches only; the others keep their text loss
-    alone (and never ask the LLM for its hidden states)."""
+    and the gate's auxiliary losses alone."""
     model = build_model(tiny_llm, score_read=0.5)
     model.fusion.cfg.score_read_datasets = ["demo_reg_zh"]
     with torch.no_grad():

@@ -79,7 +79,7 @@ class FusionConfig:
     (docs/model.md). 0: off."""
     score_read_datasets: list[str] = field(default_factory=list)
     """The score datasets the score read trains on; empty: every score dataset. A relation the text answer does not
-    teach may lie in one set only, and the read's gradient on the others then costs what they learn."""
+    teach may lie in one set only; on the others the read adds a loss they do not need."""
     gate_noise: float = 0.3
     """Std of the Gaussian noise on the level-2 gate's logits at the start of training; 0: no noise."""
     gate_noise_ratio: float = 0.5
