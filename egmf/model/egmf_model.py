@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -278,7 +279,7 @@ class EGMFModel(nn.Module):
         if self.fusion is not None:
             path = os.path.join(out_dir, FUSION_WEIGHTS)
             state = load_file(path, device=str(self.device))
-            check_fusion_weights(path, state, self.fusion)
+            check_fusion_weights(path, state, self.fusion.state_dict().keys())
             self.fusion.load_state_dict(state)
 
 
@@ -291,9 +292,9 @@ SWITCHED_WEIGHTS = {
 that has them, the one that has not)."""
 
 
-def check_fusion_weights(path: str, state: dict, fusion: FusionModule) -> None:
-    """Saved fusion weights must fit the module built from the config: say which config field differs, where known."""
-    expected = fusion.state_dict().keys()
+def check_fusion_weights(path: str, state: dict, expected: Collection[str]) -> None:
+    """Saved fusion weights must have the `expected` keys of the module built from the config: say which config
+    field differs, where known."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if not missing and not unexpected:

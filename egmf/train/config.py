@@ -82,6 +82,10 @@ class TrainConfig:
     """End the job after this step with a checkpoint, as a preemption would; a rerun resumes (0: never)."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one device for MFU; 0: known from the GPU's name (no MFU on CPUs)."""
+    init_from: str = ""
+    """A trained model (a checkpoint, a run's best/ folder, an egmf-export package) whose LoRA adapter and fusion
+    weights a new run starts from; datasets it did not train get new front ends, and the optimizer, schedule and
+    data start new (docs/training.md). A run that resumes takes its weights from its checkpoint instead."""
     collective_timeout_s: int = 1800
     """A collective waiting longer than this fails the rank (a dead or hung peer becomes an error, not a hang).
     It must exceed the longest time ranks can drift apart: a checkpoint save, an evaluation pass."""

@@ -20,7 +20,7 @@ from egmf.model.fusion import check_feature_dims
 from egmf.model.llm import check_model_dir
 from egmf.shards.manifest import SplitManifest, load_manifest
 from egmf.tracking import tracking_uri
-from egmf.train.checkpoint import resolve_resume
+from egmf.train.checkpoint import resolve_resume, saved_weights
 from egmf.train.config import Config
 
 logger = logging.getLogger("egmf.train")
@@ -120,6 +120,11 @@ def preflight(cfg: Config) -> None:
             problems += unlabeled_problems(manifests)
         except DataError as exc:
             problems.append(str(exc))
+    if cfg.train.init_from:
+        try:
+            saved_weights(cfg.train.init_from)
+        except CheckpointError as exc:
+            problems.append(f"train.init_from: {exc}")
     try:
         if not unwritable:  # an output folder that cannot exist holds no checkpoint to resume
             resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)

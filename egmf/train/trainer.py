@@ -45,6 +45,7 @@ from egmf.train.evaluation import (
     selection_score,
     write_evaluation,
 )
+from egmf.train.init_from import init_from_saved
 from egmf.train.optim import build_optimizer, build_scheduler, param_groups
 from egmf.train.preflight import feature_dims, feature_stats, splits_read
 from egmf.train.schedule import plan_steps
@@ -84,7 +85,16 @@ class RunState:
 
 def build_model(cfg: Config, device: torch.device) -> EGMFModel:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    return EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, feature_dims(cfg), device, feature_stats(cfg))
+    model = EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, feature_dims(cfg), device, feature_stats(cfg))
+    if cfg.train.init_from:
+        fronts = init_from_saved(model, cfg.train.init_from)
+        logger.info(
+            "weights from %s (front ends taken: %s; new: %s)",
+            cfg.train.init_from,
+            ", ".join(fronts["loaded"]) or "none",
+            ", ".join(fronts["new"]) or "none",
+        )
+    return model
 
 
 def git_commit() -> str:
