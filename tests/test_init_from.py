@@ -4,6 +4,7 @@ did not train gets a new front end; a saved model that does not fit is refused w
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 from run_helpers import REPO, SMALL_EVAL
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from egmf.errors import ConfigError
 from egmf.train.config import load_config
@@ -75,6 +76,17 @@ def test_a_saved_model_that_does_not_fit_is_refused_with_the_setting_to_change(o
         build_model(config(train_shards, tiny_llm, start, "--lora.target_modules=['q_proj']"), CPU)
     with pytest.raises(ConfigError, match=r"adapter does not fit this model \(.*size mismatch.*set lora.rank"):
         build_model(config(train_shards, tiny_llm, start, "--lora.rank=2"), CPU)
+
+
+@pytest.mark.slow
+def test_a_front_end_trained_on_other_feature_dimensions_is_refused(one_set_best, train_shards, tiny_llm, tmp_path):
+    other = shutil.copytree(one_set_best, tmp_path / "best")
+    state = load_file(other / "fusion.safetensors")
+    for key in [k for k in state if k.startswith("audio_front.demo_cls_en.")]:  # as if its audio had 20 dimensions
+        state[key] = torch.zeros(*[20 if n == 16 else n for n in state[key].shape])
+    save_file(state, other / "fusion.safetensors")
+    with pytest.raises(ConfigError, match="front ends of demo_cls_en were trained on features of other dimensions"):
+        build_model(config(train_shards, tiny_llm, f"--train.init_from={other}"), CPU)
 
 
 def test_preflight_names_a_folder_that_holds_no_saved_model(train_shards, tiny_llm, tmp_path):
