@@ -14,7 +14,7 @@ from peft import get_peft_model_state_dict
 from run_helpers import REPO, SMALL_EVAL
 from safetensors.torch import load_file, save_file
 
-from egmf.errors import ConfigError
+from egmf.errors import CheckpointError, ConfigError
 from egmf.train.config import load_config
 from egmf.train.main import DEFAULT_RECIPE
 from egmf.train.preflight import preflight
@@ -93,3 +93,15 @@ def test_preflight_names_a_folder_that_holds_no_saved_model(train_shards, tiny_l
     cfg = config(train_shards, tiny_llm, f"--train.output_dir={tmp_path / 'out'}", f"--train.init_from={tmp_path}")
     with pytest.raises(ConfigError, match=rf"train.init_from: {tmp_path} is neither a checkpoint"):
         preflight(cfg)
+
+
+@pytest.mark.slow
+def test_a_run_that_resumes_needs_no_init_from_folder(one_set_best, train_shards, tiny_llm, tmp_path):
+    """A requeued job resumes from its own checkpoint: the saved model it started from may be gone."""
+    run = os.path.dirname(one_set_best)  # a run with a checkpoint to resume
+    gone = f"--train.init_from={tmp_path / 'gone'}"
+    preflight(config(train_shards, tiny_llm, f"--train.output_dir={run}", gone))
+    model = build_model(config(train_shards, tiny_llm, gone), CPU, resuming=True)
+    with pytest.raises(CheckpointError, match="is neither a checkpoint"):
+        build_model(config(train_shards, tiny_llm, gone), CPU)
+    assert model.fusion is not None

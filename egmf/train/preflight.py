@@ -120,15 +120,16 @@ def preflight(cfg: Config) -> None:
             problems += unlabeled_problems(manifests)
         except DataError as exc:
             problems.append(str(exc))
-    if cfg.train.init_from:
+    resume_from = None
+    try:
+        if not unwritable:  # an output folder that cannot exist holds no checkpoint to resume
+            resume_from = resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    if cfg.train.init_from and resume_from is None:  # a resumed run's weights come from its checkpoint
         try:
             saved_weights(cfg.train.init_from)
         except CheckpointError as exc:
             problems.append(f"train.init_from: {exc}")
-    try:
-        if not unwritable:  # an output folder that cannot exist holds no checkpoint to resume
-            resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
-    except CheckpointError as exc:
-        problems.append(str(exc))
     if problems:
         raise ConfigError("cannot start:\n  " + "\n  ".join(problems))

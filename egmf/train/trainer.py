@@ -83,10 +83,12 @@ class RunState:
     """[step, {dataset: {expert: mean weight}}] of each evaluation on eval.select_split (for the gate plot)."""
 
 
-def build_model(cfg: Config, device: torch.device) -> EGMFModel:
+def build_model(cfg: Config, device: torch.device, resuming: bool = False) -> EGMFModel:
+    """The model a run starts from: new weights, or train.init_from's unless the run resumes (its checkpoint's
+    weights replace them, and the folder may be gone by the time a requeued job resumes)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, feature_dims(cfg), device, feature_stats(cfg))
-    if cfg.train.init_from:
+    if cfg.train.init_from and not resuming:
         fronts = init_from_saved(model, cfg.train.init_from)
         logger.info(
             "weights from %s (front ends taken: %s; new: %s)",
@@ -127,7 +129,7 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        model = build_model(cfg, self.device)
+        model = build_model(cfg, self.device, resuming=bool(resume_candidates))
         self.flops_per_token = llm_flops_per_token(model)
         self.peak = peak_flops(self.device, cfg.train.peak_tflops)
         self.expert_names = list(model.fusion.cfg.experts) if model.fusion is not None else []
