@@ -8,9 +8,11 @@ import pytest
 import torch
 from test_fusion import DIMS, LLM_HIDDEN, build, inputs, trained_gates
 
+from egmf.errors import ConfigError
 from egmf.model.config import FusionConfig
+from egmf.model.egmf_model import check_fusion_weights
 from egmf.model.fusion import FusionModule
-from egmf.model.gates import ExpertGate, GateSchedule
+from egmf.model.gates import ROUTERS, ExpertGate, GateSchedule, saved_router
 
 
 def test_schedule_anneals_noise_and_warms_up():
@@ -89,7 +91,7 @@ def train_gate(
     return {d: model(**inputs(dataset=d)).expert_weights.mean(0).tolist() for d in rewarded}
 
 
-def gate_only(balance_coef: float, datasets=DIMS) -> FusionModule:
+def gate_only(balance_coef: float, datasets=DIMS, router: str = "mlp") -> FusionModule:
     torch.manual_seed(0)
     cfg = FusionConfig(
         width=32,
@@ -99,6 +101,7 @@ def gate_only(balance_coef: float, datasets=DIMS) -> FusionModule:
         balance_coef=balance_coef,
         gate_noise=0.0,
         gate_warmup_ratio=0.0,
+        gate_router=router,
     )
     return FusionModule(cfg, {d: DIMS[d] for d in datasets}, llm_hidden=LLM_HIDDEN, llm_embed_rms=0.05)
 
@@ -144,3 +147,21 @@ def test_usage_is_a_moving_average_per_dataset_that_ignores_non_finite_batches()
     model.record_gate_usage("demo_reg_zh", torch.tensor([float("nan"), 1.0, 0.0]))
     torch.testing.assert_close(model.gate.usage[1], torch.tensor([0.5, 0.25, 0.25]))
     assert "gate.usage" in model.state_dict()  # checkpoints and exports keep it
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_starts_uniform_learns_and_is_read_back_from_its_weights(router):
+    model = gate_only(0.0, ["demo_cls_en"], router=router)
+    torch.testing.assert_close(model.eval()(**inputs()).expert_weights, torch.full((2, 3), 1 / 3))
+    assert saved_router(model.state_dict()) == router
+    assert train_gate(model, {"demo_cls_en": 1}, 0.0, steps=100)["demo_cls_en"][1] > 0.9
+
+
+def test_a_saved_gate_of_another_router_names_the_router_to_set():
+    saved = gate_only(0.0, router="norm_mlp").state_dict()
+    expected = gate_only(0.0).state_dict().keys()
+    with pytest.raises(ConfigError, match="set fusion.gate_router = 'norm_mlp'"):
+        check_fusion_weights("m/fusion.safetensors", saved, expected)
+    check_fusion_weights("m/fusion.safetensors", saved, gate_only(0.0, router="norm_mlp").state_dict().keys())
+    problems = FusionConfig(gate_router="deep").problems()
+    assert any("fusion.gate_router 'deep' is not one of mlp, norm_mlp, linear" in p for p in problems)

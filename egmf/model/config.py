@@ -14,6 +14,7 @@ from egmf.datasets import CLASSIFICATION, get_spec
 from egmf.errors import ConfigError
 from egmf.labels import Verbaliser
 from egmf.model.attention import BACKENDS
+from egmf.model.gates import ROUTERS
 
 EXPERTS = ("local", "semantic", "global")
 GATINGS = ("dynamic", "uniform")
@@ -60,6 +61,11 @@ class FusionConfig:
     """Experts switched on (ablation: drop any of local, semantic, global)."""
     gating: str = "dynamic"
     """'dynamic': context-dependent softmax over experts; 'uniform': equal weights (ablation)."""
+    gate_router: str = "mlp"
+    """What computes the dynamic level-2 gate's logits from the pooled expert outputs and the context: 'mlp' (one
+    hidden layer), 'norm_mlp' (a LayerNorm, then that hidden layer) or 'linear' (a LayerNorm, then one linear
+    layer). A hidden layer on the raw input can die, every unit off for every sample, and leave a constant gate
+    (docs/model.md)."""
     inner_gating: bool = True
     """Level-1 gates inside the experts; false: each expert's update is added ungated (ablation)."""
     balance_coef: float = 0.01
@@ -112,6 +118,8 @@ class FusionConfig:
             found.append(f"fusion.global_scope {self.global_scope!r} is not one of {', '.join(GLOBAL_SCOPES)}")
         if self.gating not in GATINGS:
             found.append(f"fusion.gating {self.gating!r} is not one of {', '.join(GATINGS)}")
+        if self.gate_router not in ROUTERS:
+            found.append(f"fusion.gate_router {self.gate_router!r} is not one of {', '.join(ROUTERS)}")
         if self.attention not in BACKENDS:
             found.append(f"fusion.attention {self.attention!r} is not one of {', '.join(BACKENDS)}")
         found += range_problems("fusion", self, ["dropout", "usage_momentum"], low=0, high=1, high_open=True)

@@ -27,6 +27,7 @@ from egmf.errors import ConfigError
 from egmf.model.config import DECODING_MODES, FusionConfig, LLMConfig, LoraConfig, PromptConfig
 from egmf.model.decoding import greedy, score_candidates, weighted_median
 from egmf.model.fusion import FusionModule
+from egmf.model.gates import saved_router
 from egmf.model.llm import load_llm
 from egmf.model.prompt import IGNORE, PromptBatch, PromptBuilder
 
@@ -307,6 +308,9 @@ def check_fusion_weights(path: str, state: dict, expected: Collection[str]) -> N
                 f"set fusion.{field_name}{on if saved_with else off} (the saved model was trained "
                 f"{'with' if saved_with else 'without'} {what})"
             )
+    router = saved_router(state)
+    if router is not None and router != saved_router(expected):
+        hints.append(f"set fusion.gate_router = {router!r} (the saved model's level-2 gate)")
     raise ConfigError(
         f"{path}: the saved fusion weights do not fit this model ({len(missing)} tensors missing, e.g. "
         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): "

@@ -178,7 +178,13 @@ class FusionModule(nn.Module):
         self.experts = nn.ModuleDict({name: builders[name]() for name in cfg.experts})
         self.datasets = list(own)  # the gate keeps statistics per front end
         self.gate = ExpertGate(
-            d, len(cfg.experts), cfg.gating == "dynamic", self.schedule, len(self.datasets), cfg.usage_momentum
+            d,
+            len(cfg.experts),
+            cfg.gating == "dynamic",
+            self.schedule,
+            len(self.datasets),
+            cfg.usage_momentum,
+            cfg.gate_router,
         )
         self.pseudo = PseudoTokens(
             d, cfg.heads, cfg.num_pseudo_tokens, llm_hidden, llm_embed_rms, cfg.attention, cfg.normalised_tokens

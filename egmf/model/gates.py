@@ -95,6 +95,36 @@ def zero_last_layer(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
+ROUTERS = ("mlp", "norm_mlp", "linear")
+
+
+def router_layers(router: str, inputs: int, hidden: int, num_experts: int) -> nn.Sequential:
+    """The level-2 gate's logits from its input (the pooled expert outputs and the context), last layer zero.
+
+    'mlp': Linear -> GELU -> Linear. 'norm_mlp': the same after a LayerNorm: the input holds a large component that
+    every sample shares, and one step along it can turn every hidden unit off for every sample at once (a dead
+    gate, docs/model.md); normalised, no direction of the input dominates. 'linear': LayerNorm -> Linear (the
+    Switch Transformer's and ST-MoE's router): no hidden unit to lose, and no feature it cannot weigh linearly.
+    The layers keep their positions in `score` (score.0, score.2 for 'mlp'), so saved models keep their keys."""
+    if router == "mlp":
+        return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), zero_last_layer(nn.Linear(hidden, num_experts)))
+    if router == "norm_mlp":
+        return nn.Sequential(
+            nn.LayerNorm(inputs), nn.Linear(inputs, hidden), nn.GELU(), zero_last_layer(nn.Linear(hidden, num_experts))
+        )
+    if router == "linear":
+        return nn.Sequential(nn.LayerNorm(inputs), zero_last_layer(nn.Linear(inputs, num_experts)))
+    raise ValueError(f"unknown gate router {router!r}: one of {', '.join(ROUTERS)}")
+
+
+def saved_router(keys) -> str | None:
+    """Which router a saved fusion state's level-2 gate keys (`gate.score.*`) come from; None without them."""
+    layers = {k.split(".")[2] for k in keys if k.startswith("gate.score.")}
+    if not layers:
+        return None
+    return "norm_mlp" if "3" in layers else "mlp" if "2" in layers else "linear"
+
+
 class ContextGate(nn.Module):
     """Level-1 gate: x + g * update, g = sigmoid(W [x; context]) per position and channel (g = 1: gating off).
     Randomly initialised, so the gate depends on its input from the first step; mixed with 0.5 during warm-up."""
@@ -125,13 +155,12 @@ class ExpertGate(nn.Module):
         schedule: GateSchedule,
         num_datasets: int = 1,
         usage_momentum: float = 0.9,
+        router: str = "mlp",
     ):
         super().__init__()
         self.num_experts, self.dynamic, self.schedule = num_experts, dynamic, schedule
         self.usage_momentum = usage_momentum
-        self.score = nn.Sequential(
-            nn.Linear((num_experts + 1) * width, width), nn.GELU(), zero_last_layer(nn.Linear(width, num_experts))
-        )
+        self.score = router_layers(router, (num_experts + 1) * width, width, num_experts)
         # Each dataset's recent mean gate (a buffer: checkpoints keep it, so a resumed run balances as before).
         self.register_buffer("usage", torch.full((num_datasets, num_experts), 1.0 / num_experts))
 
