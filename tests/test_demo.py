@@ -1,6 +1,6 @@
 """Each demo set's label is recoverable from the signal it was designed around, and not from less: the order inside
 a six-frame motif (local), which audio event coincides with the vision event (semantic), the whole utterance's average
-(global), two events' strength and order (all three)."""
+(global), two events' strength and order (all three), and the value of the event a key names (the look-up set)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 from egmf.data.tar_samples import BadSamples, decode_valid, read_shard
-from egmf.shards.demo import COINCIDENCE_GAP, EVENT_FRAMES, demo_patterns, frame_at
+from egmf.shards.demo import COINCIDENCE_GAP, EVENT_FRAMES, LOOKUP_VALUE, build_demo, demo_patterns, frame_at
 from egmf.shards.manifest import load_manifest
 
 
@@ -117,6 +117,58 @@ def test_timed_strength_set_needs_the_strength_and_the_order(demo_root):
             sign_from_strength.append((v_score.max() > 7.5) == (s.meta["label"] > 0))
     assert np.mean(errors) < 0.1  # range [-1, 1]; chance MAE about 0.5
     assert 0.3 < np.mean(sign_from_strength) < 0.7  # the strength says nothing about the sign
+
+
+def event_windows(features: np.ndarray, direction: np.ndarray, count: int) -> list[int]:
+    """Starts of the `count` strongest non-overlapping 3-frame windows along `direction`."""
+    score = np.convolve(features @ direction, np.ones(EVENT_FRAMES), "valid")
+    starts = []
+    for _ in range(count):
+        start = int(np.argmax(score))
+        starts.append(start)
+        score[max(0, start - EVENT_FRAMES + 1) : start + EVENT_FRAMES] = -np.inf
+    return starts
+
+
+def test_lookup_set_lives_in_the_value_of_the_event_the_key_names(tmp_path):
+    root = str(tmp_path)
+    build_demo(root, {"train": 200, "valid": 2, "test": 2}, datasets=("demo_key_en",))
+    _, samples = load(root, "demo_key_en")
+    patterns = demo_patterns("demo_key_en", seed=0)
+    plane = patterns["lookup_plane"]
+    looked_up, mean_of_both, first_in_time, truth = [], [], [], []
+    for s in samples:
+        audio = s.audio.astype(np.float32)
+        events = [
+            audio[start : start + EVENT_FRAMES].mean(0)
+            for start in sorted(event_windows(audio, patterns["value_marker"], 2))
+        ]
+        key = audio[event_windows(audio, patterns["key_marker"], 1)[0] :][:EVENT_FRAMES].mean(0)
+        angles = [np.angle(v @ plane[0] + 1j * (v @ plane[1])) for v in (*events, key)]
+        apart = [abs(np.angle(np.exp(1j * (a - angles[2])))) for a in angles[:2]]
+        scores = [np.round(3 * v @ patterns["value"] / LOOKUP_VALUE) for v in events]
+        looked_up.append(scores[int(np.argmin(apart))])
+        mean_of_both.append(np.mean(scores))
+        first_in_time.append(scores[0])
+        truth.append(s.meta["label"])
+    looked_up, mean_of_both, first_in_time, truth = (
+        np.array(x) for x in (looked_up, mean_of_both, first_in_time, truth)
+    )
+    # A value read from three noisy frames is one level off now and then: the set's own noise floor.
+    assert np.mean(np.abs(looked_up - truth)) < 0.2
+    # Without the key both values are there, but not which one is asked for: their mean, or the earlier event,
+    # is off by more than 1 on average (two distinct whole scores in -3..3 lie 8/3 apart on average).
+    assert np.mean(np.abs(mean_of_both - truth)) > 1.0 and np.mean(np.abs(first_in_time - truth)) > 1.0
+    assert set(np.unique(truth)) == set(range(-3, 4))
+
+
+def test_a_demo_set_is_the_same_whichever_sets_are_built_with_it(tmp_path, demo_root):
+    build_demo(str(tmp_path), {"train": 96, "valid": 40, "test": 40}, datasets=("demo_reg_zh",), shard_samples=16)
+    assert os.listdir(tmp_path) == ["demo_reg_zh"]
+    for split in ("train", "test"):
+        ours, theirs = load(str(tmp_path), "demo_reg_zh", split)[1], load(demo_root, "demo_reg_zh", split)[1]
+        assert [s.meta for s in ours] == [s.meta for s in theirs]
+        assert all(np.array_equal(a.audio, b.audio) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_text_carries_no_label(demo_root):

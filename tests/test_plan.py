@@ -109,3 +109,13 @@ def test_plan_on_the_command_line_and_a_degenerate_run_refused(capsys, train_sha
     assert main(argv) == 2  # the demo recipe evaluates every 500 steps: never, in 8
     assert "no validation before the end: evaluation every 500 steps, but the run is 8 steps" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_demo_set_without_shards_counts_at_the_size_a_run_builds_it():
+    from egmf.train.plan import train_sizes
+
+    cfg = load_config(
+        "launch/recipes/demo.toml",
+        ["--data.root=/nonexistent", "--data.train={demo_cls_en=1.0,demo_key_en=1.0}", "--data.eval=['demo_key_en']"],
+    )
+    assert train_sizes(cfg) == (2048 + 16384, "demo_cls_en: demo size, demo_key_en: demo size")

@@ -78,6 +78,17 @@ def test_inspect_verify_catches_a_changed_shard(tmp_path, capsys):
     assert "FAILED: demo_cls_en-test-000000.tar differs from the manifest" in capsys.readouterr().out
 
 
+def test_demo_command_builds_the_sets_asked_for_and_names_the_known_ones(tmp_path, capsys):
+    out = str(tmp_path)
+    shards_main(["demo", "--out", out, "--datasets", "demo_key_en", "--train-size", "8", "--eval-size", "4"])
+    assert os.listdir(out) == ["demo_key_en"] and load_manifest(out, "demo_key_en", "train").num_samples == 8
+    with pytest.raises(SystemExit):
+        shards_main(["demo", "--out", out, "--datasets", "demo_cls_en,demo_nope"])
+    assert "['demo_nope']: demo sets are demo_cls_en, demo_cls_zh, demo_reg_en, demo_reg_zh, demo_key_en" in (
+        capsys.readouterr().err
+    )
+
+
 def test_fast_npy_decode_matches_np_load_and_never_unpickles():
     from egmf.shards.format import decode_npy, encode_npy
 

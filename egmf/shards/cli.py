@@ -3,7 +3,7 @@
     egmf-shards build --format mmsa --dataset mosei --input unaligned_50.pkl --out data/shards
     egmf-shards build --format mse-adapter --dataset meld --input MELD_DIR --out data/shards
     egmf-shards build --format jsonl --spec my_set.toml --split train --input train.jsonl --out data/shards
-    egmf-shards demo --out shards/demo
+    egmf-shards demo --out shards/demo [--datasets demo_key_en --train-size 16384]
     egmf-shards inspect data/shards [--verify] [--tokenizer MODEL_DIR --max-text-tokens 96]
 
 Everything runs on a CPU.
@@ -18,7 +18,17 @@ import os
 import re
 import sys
 
-from egmf.datasets import SPECS, DatasetSpec, check_same_dataset, get_spec, is_known, read_spec_file, spec_from_dict
+from egmf.datasets import (
+    ALL_DEMO_DATASETS,
+    DEMO_DATASETS,
+    SPECS,
+    DatasetSpec,
+    check_same_dataset,
+    get_spec,
+    is_known,
+    read_spec_file,
+    spec_from_dict,
+)
 from egmf.errors import DataError
 from egmf.shards.demo import build_demo
 from egmf.shards.manifest import MissingManifest, SplitManifest, find_manifests, load_manifest
@@ -77,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-size", type=int, default=2048)
     demo.add_argument("--eval-size", type=int, default=128, help="samples in each of valid and test")
     demo.add_argument("--shard-samples", type=positive_int, default=64)
+    demo.add_argument(
+        "--datasets",
+        type=demo_sets,
+        default=DEMO_DATASETS,
+        help=f"comma-separated demo sets (default: the demo mix); any of {', '.join(ALL_DEMO_DATASETS)}",
+    )
 
     inspect = commands.add_parser("inspect", help="summarise the shards under a root")
     inspect.add_argument("root")
@@ -198,6 +214,14 @@ def check_other_splits(out: str, spec: DatasetSpec, split: str) -> None:
             ) from None
 
 
+def demo_sets(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in ALL_DEMO_DATASETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{unknown or text!r}: demo sets are {', '.join(ALL_DEMO_DATASETS)}")
+    return names
+
+
 def parse_range(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",")]
@@ -293,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             print(build_summary(run_build(args), count_cut))
         elif args.command == "demo":
             sizes = {"train": args.train_size, "valid": args.eval_size, "test": args.eval_size}
-            print(build_summary(build_demo(args.out, sizes, args.seed, args.shard_samples)))
+            print(build_summary(build_demo(args.out, sizes, args.seed, args.shard_samples, args.datasets)))
         else:
             report = inspect_report(args.root, args.verify, truncation_counter(args))
             print(report)

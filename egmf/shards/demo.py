@@ -31,13 +31,25 @@ planted, and which expert it is designed for (shards/README.md says the same):
   pattern) marks a time, a vision event V0 of strength 3 + 9 alpha gives the
   magnitude, and the order of the two events the sign (audio first: +):
   score = alpha (one decimal).
+
+A fifth set, demo_key_en (scores in [-3, 3]), is not in the demo mix (the
+model does not learn it there; docs/benchmarks.md):
+
+- demo_key_en, GLOBAL context by a look-up: two audio value events, each with
+  its own whole score (-3..3, the two distinct) along a value direction and an
+  angle in a plane, and one key event whose angle is one of theirs, jittered;
+  score = the value of the event the key names. The angles change from clip to
+  clip, so no fixed query picks out the named event: a reader has to compare
+  the key with each value event, frames far apart in one modality, as the
+  global expert's self-attention can. 16384 training clips (egmf/demo_assets.py):
+  from a few thousand the model fits the training clips instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from egmf.datasets import DEMO_DATASETS, SPLITS, get_spec
+from egmf.datasets import ALL_DEMO_DATASETS, DEMO_DATASETS, SPLITS, get_spec
 from egmf.shards.clean import RawRecord
 from egmf.shards.writer import ShardLimits, write_split
 
@@ -56,6 +68,10 @@ COINCIDENCE_GAP = 0.18
 """demo_cls_zh: audio events (two of each pattern) and the least relative time between two of them."""
 
 DRIFT = 0.8
+LOOKUP_SEPARATION, LOOKUP_JITTER, LOOKUP_GAP = np.pi / 2, 0.1, 0.25
+LOOKUP_VALUE, LOOKUP_ANGLE = 6.0, 8.0
+"""demo_key_en: the least angle between its two value events and the key angle's jitter (radians), the least
+relative time between two of its events, and the strengths of a value event's value and of every event's angle."""
 
 DEMO_DESIGN = 4
 """Written into each demo manifest (`source.design`); raise it when a change alters the samples, so that
@@ -158,6 +174,32 @@ def global_drift(rng, audio, vision, patterns) -> float:
     return alpha
 
 
+def on_circle(angle: float, plane: np.ndarray) -> np.ndarray:
+    return np.cos(angle) * plane[0] + np.sin(angle) * plane[1]
+
+
+def key_lookup(rng, audio, vision, patterns) -> float:
+    """demo_key_en: alpha in {-1, -2/3, ..., 1}, the value of the audio event whose angle the key event names.
+
+    Two value events (a marker, their value along a direction, an angle in a plane) and one key event (another
+    marker, an angle), 3 frames each, at least LOOKUP_GAP of the clip apart in random order. The value events'
+    angles are anywhere on the circle but at least LOOKUP_SEPARATION apart; the key's is one of theirs, jittered."""
+    first = rng.uniform(0.0, 2 * np.pi)
+    angles = (first, first + LOOKUP_SEPARATION + rng.uniform(0.0, 2 * np.pi - 2 * LOOKUP_SEPARATION))
+    alphas = (rng.permutation(7)[:2] - 3) / 3.0  # two distinct whole scores: the answer says which event was read
+    target = int(rng.integers(2))
+    key_angle = angles[target] + rng.uniform(-LOOKUP_JITTER, LOOKUP_JITTER)
+    times = rng.permutation(spaced_times(rng, 3, LOOKUP_GAP))
+    plane = patterns["lookup_plane"]
+    for time, angle, alpha in zip(times[:2], angles, alphas, strict=True):
+        event = STRENGTH * patterns["value_marker"] + LOOKUP_VALUE * alpha * patterns["value"]
+        add_event(audio, event + LOOKUP_ANGLE * on_circle(angle, plane), time, 1.0, EVENT_FRAMES)
+    key = STRENGTH * patterns["key_marker"] + LOOKUP_ANGLE * on_circle(key_angle, plane)
+    add_event(audio, key, times[2], 1.0, EVENT_FRAMES)
+    add_event(vision, patterns["vision"][rng.integers(0, 2)], rng.uniform(0.1, 0.9), STRENGTH, 1)  # a distractor
+    return float(alphas[target])
+
+
 def timed_strength(rng, audio, vision, patterns) -> float:
     """demo_reg_zh: alpha in [0, 1] from the vision event's strength, its sign from the events' order."""
     p_a, p_v = event_times(rng)
@@ -172,8 +214,15 @@ PLANTERS = {
     "demo_cls_zh": coinciding_event,
     "demo_reg_en": global_drift,
     "demo_reg_zh": timed_strength,
+    "demo_key_en": key_lookup,
 }
-DESIGNED_FOR = {"demo_cls_en": "local", "demo_cls_zh": "semantic", "demo_reg_en": "global", "demo_reg_zh": "all"}
+DESIGNED_FOR = {
+    "demo_cls_en": "local",
+    "demo_cls_zh": "semantic",
+    "demo_reg_en": "global",
+    "demo_reg_zh": "all",
+    "demo_key_en": "global",
+}
 """The expert each demo set is designed to need (docs/model.md, ablations)."""
 
 
@@ -193,12 +242,18 @@ def make_record(rng: np.random.Generator, dataset: str, index: int, split: str, 
 
 def demo_patterns(dataset: str, seed: int) -> dict[str, np.ndarray]:
     """The planted patterns of one demo set (tests use them to decode the label): two audio and two vision
-    patterns, two 2-pattern motifs (orthogonal to the audio ones), and a drift direction per modality."""
-    rng = np.random.default_rng([seed, DEMO_DATASETS.index(dataset), 1000])
+    patterns, two 2-pattern motifs (orthogonal to the audio ones), a drift direction per modality, and the
+    look-up's markers, value direction and angle plane (orthonormal among themselves)."""
+    rng = np.random.default_rng([seed, ALL_DEMO_DATASETS.index(dataset), 1000])
     audio_dim, vision_dim = DIMS[get_spec(dataset).lang]
     audio = orthonormal(rng, audio_dim, 7)
     vision = orthonormal(rng, vision_dim, 3)
+    lookup = orthonormal(rng, audio_dim, 5)  # drawn after the others, which stay as they were
     return {
+        "value_marker": lookup[0],
+        "key_marker": lookup[1],
+        "value": lookup[2],
+        "lookup_plane": lookup[3:5],
         "audio": audio[:2],
         "motifs": audio[2:6].reshape(2, 2, audio_dim),
         "vision": vision[:2],
@@ -207,14 +262,24 @@ def demo_patterns(dataset: str, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def build_demo(out_dir: str, sizes: dict[str, int], seed: int = 0, shard_samples: int = 64) -> list:
-    """Write all demo sets under out_dir; returns their manifests."""
+def build_demo(
+    out_dir: str,
+    sizes: dict[str, int],
+    seed: int = 0,
+    shard_samples: int = 64,
+    datasets: tuple[str, ...] = DEMO_DATASETS,
+    set_sizes: dict[str, dict[str, int]] | None = None,
+) -> list:
+    """Write the demo `datasets` under out_dir; returns their manifests. `sizes`: samples per split; `set_sizes`:
+    a dataset's own sizes for some splits ({"demo_key_en": {"train": 16384}}). A set's samples do not depend on
+    which other sets are built with it."""
     manifests = []
-    for dataset in DEMO_DATASETS:
+    for dataset in datasets:
         patterns = demo_patterns(dataset, seed)
+        own = {**sizes, **(set_sizes or {}).get(dataset, {})}
         for split_index, split in enumerate(SPLITS):
-            rng = np.random.default_rng([seed, DEMO_DATASETS.index(dataset), split_index])
-            records = [make_record(rng, dataset, i, split, patterns) for i in range(sizes[split])]
+            rng = np.random.default_rng([seed, ALL_DEMO_DATASETS.index(dataset), split_index])
+            records = [make_record(rng, dataset, i, split, patterns) for i in range(own[split])]
             manifests.append(
                 write_split(
                     records,

@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 
 from egmf.data.loader import steps_per_epoch
-from egmf.datasets import DEMO_DATASETS
-from egmf.demo_assets import DEMO_SIZES
+from egmf.datasets import ALL_DEMO_DATASETS
+from egmf.demo_assets import demo_split_size
 from egmf.errors import ConfigError, DataError
 from egmf.shards.manifest import load_manifest
 from egmf.train.schedule import StepPlan, fit_to_world, plan_steps
@@ -86,8 +86,8 @@ def train_sizes(cfg) -> tuple[int, str]:
             total += load_manifest(cfg.data.root, dataset, "train").num_samples
             sources.append(f"{dataset}: manifest")
         except DataError:
-            if dataset in DEMO_DATASETS:  # built at the run's start when missing, at this size
-                total += DEMO_SIZES["train"]
+            if dataset in ALL_DEMO_DATASETS:  # built at the run's start when missing, at this size
+                total += demo_split_size(dataset, "train")
                 sources.append(f"{dataset}: demo size")
                 continue
             if dataset not in PUBLIC_TRAIN_SIZES:
