@@ -4,8 +4,9 @@
         build_demo_assets(root, splits, llm_path)      # one process only (rank 0 after the process group)
 
 A run whose datasets are all demo sets (egmf.datasets.ALL_DEMO_DATASETS) builds
-the demo sets it trains or evaluates and lacks at the demo recipe's own locations (shards/demo, runs/tiny-llm)
-instead of failing, so `make train` and `egmf-train` with no arguments work on
+its demo sets (all of them again when one is missing: the same seed gives the
+same samples) and the model at the demo recipe's own locations (shards/demo,
+runs/tiny-llm) instead of failing, so `make train` and `egmf-train` with no arguments work on
 a fresh clone; a model or shard root given elsewhere must exist (a mistyped
 path is an error, never a fresh random model or new demo shards). Demo shards written by an older design of the
 demo (their manifest's `source.design`) count as missing and are rebuilt, but
