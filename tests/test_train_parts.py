@@ -19,6 +19,7 @@ from egmf.train import main as train_entry
 from egmf.train.config import load_config
 from egmf.train.ds_config import resolve_ds_config
 from egmf.train.evaluation import PredictionRow, score_rows, scored_prediction, selection_score
+from egmf.train.gate_watch import dataset_gates, newly_merged, pair_spreads
 from egmf.train.optim import WarmupCosine, param_groups
 from egmf.train.stop_signal import StopSignal
 
@@ -145,6 +146,23 @@ def test_param_groups_split_lr_and_decay():
     assert len(groups["fusion"]["params"]) == 1  # the Linear weight; its bias and the LayerNorm are not decayed
     assert len(groups["fusion_no_decay"]["params"]) == 3
     assert sum(len(g["params"]) for g in groups.values()) == 6  # the frozen layer is left out
+
+
+def test_gate_lr_ratio_gives_the_level2_gate_a_group_of_its_own():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fusion = torch.nn.ModuleDict({"gate": torch.nn.Linear(4, 3), "expert": torch.nn.Linear(4, 4)})
+
+    same = {g["name"] for g in param_groups(Tiny(), load_config(None, []).optim)}
+    assert same == {"fusion", "fusion_no_decay"}  # at the default ratio the gate stays with the fusion module
+    cfg = load_config(None, ["--optim.fusion_lr=1e-3", "--optim.gate_lr_ratio=0.1"]).optim
+    groups = {g["name"]: g for g in param_groups(Tiny(), cfg)}
+    assert set(groups) == {"fusion", "fusion_no_decay", "gate", "gate_no_decay"}
+    assert groups["gate"]["lr"] == pytest.approx(1e-4) and groups["fusion"]["lr"] == 1e-3
+    assert [p.shape for p in groups["gate"]["params"]] == [(3, 4)]  # the gate's weight; its bias is undecayed
+    with pytest.raises(ConfigError, match="gate_lr_ratio"):
+        load_config(None, ["--optim.gate_lr_ratio=0"])
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -401,6 +419,61 @@ def test_a_collapsed_gate_is_warned_about_once_and_tagged(caplog):
     assert caplog.text.count("has collapsed to one expert") == 1
     assert "fusion.balance_coef" in caplog.text and "local expert 0.97" in caplog.text
     assert trainer.tracker.tags["gate_collapse"].startswith("local 0.970")
+
+
+def gate_window(**by_dataset) -> dict[str, float]:
+    """A logging window's gate/DATASET/EXPERT metrics from {dataset: (local, semantic, global)}."""
+    experts = ("local", "semantic", "global")
+    metrics = {f"gate/{d}/{e}": w for d, weights in by_dataset.items() for e, w in zip(experts, weights, strict=True)}
+    return metrics | {"gate/argmax_share/local": 1.0, "gate/local": 0.5}  # keys the watch must pass over
+
+
+def test_the_gate_watch_finds_datasets_merged_after_they_were_told_apart():
+    experts = ["local", "semantic", "global"]
+    apart = gate_window(a=(0.6, 0.2, 0.2), b=(0.2, 0.6, 0.2), c=(0.34, 0.33, 0.33))
+    merged = gate_window(a=(0.35, 0.35, 0.30), b=(0.3505, 0.3495, 0.30), c=(0.2, 0.2, 0.6))
+    assert dataset_gates(merged, experts)["b"] == [0.3505, 0.3495, 0.30]
+    told_apart, counts = [], {}
+    found = [newly_merged(pair_spreads(dataset_gates(w, experts)), told_apart, counts) for w in [apart] + [merged] * 4]
+    assert found == [[], [], [], ["a & b"], []]  # the third merged window in a row, once
+    assert "a & b" not in told_apart  # reported again only once the gate tells the pair apart again
+    found = [newly_merged(pair_spreads(dataset_gates(w, experts)), told_apart, counts) for w in [apart] + [merged] * 3]
+    assert found == [[], [], [], ["a & b"]]
+
+    # a gate that never told two datasets apart (the uniform start) is not dead; a window without one of the two
+    # datasets keeps the pair's count
+    uniform = gate_window(a=(1 / 3,) * 3, b=(1 / 3,) * 3)
+    told_apart, counts = [], {}
+    assert not any(newly_merged(pair_spreads(dataset_gates(uniform, experts)), told_apart, counts) for _ in range(5))
+    told_apart, counts = ["a & b"], {}
+    only_a = gate_window(a=(0.35, 0.35, 0.30))
+    windows = [merged, merged, only_a, merged]
+    found = [newly_merged(pair_spreads(dataset_gates(w, experts)), told_apart, counts) for w in windows]
+    assert found[-1] == ["a & b"]
+
+
+def test_a_dead_gate_is_warned_about_and_tagged(caplog):
+    import logging
+
+    from egmf.tracking import NullTracker
+    from egmf.train.trainer import Trainer
+
+    class Tags(NullTracker):
+        def __init__(self):
+            self.tags = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    trainer = Trainer(load_config(), {}, WorldInfo(0, 0, 1), torch.device("cpu"))
+    trainer.tracker, trainer.expert_names = Tags(), ["local", "semantic", "global"]
+    with caplog.at_level(logging.WARNING, logger="egmf.train"):
+        trainer.watch_dead_gate(gate_window(a=(0.6, 0.2, 0.2), b=(0.2, 0.6, 0.2)))
+        for _ in range(3):
+            trainer.watch_dead_gate(gate_window(a=(0.35, 0.35, 0.30), b=(0.35, 0.35, 0.30)))
+    assert caplog.text.count("the same weights") == 1 and "fusion.gate_router = 'norm_mlp'" in caplog.text
+    assert trainer.tracker.tags["gate_dead"].startswith("a & b at step 0")
+    assert trainer.state.gate_merged_windows == {"a & b": 3}  # saved with the run's checkpoints
 
 
 def test_mistyped_demo_paths_are_errors_not_fresh_assets(capsys, tmp_path, demo_root, tiny_llm):

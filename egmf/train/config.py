@@ -29,6 +29,9 @@ class OptimConfig:
     """Peak learning rate of the fusion module."""
     lora_lr: float = 2e-4
     """Peak learning rate of the LoRA adapters."""
+    gate_lr_ratio: float = 1.0
+    """The level-2 gate's learning rate as a fraction of fusion_lr (below 1: a gate that moves slower than the
+    experts it weighs; docs/model.md). 1 keeps the gate in the fusion groups."""
     weight_decay: float = 0.01
     """AdamW weight decay; never applied to norms and biases."""
     beta1: float = 0.9
@@ -53,7 +56,7 @@ class OptimConfig:
 
     def problems(self) -> list[str]:
         return (
-            range_problems("optim", self, ("fusion_lr", "lora_lr", "eps"), low=0, low_open=True)
+            range_problems("optim", self, ("fusion_lr", "lora_lr", "gate_lr_ratio", "eps"), low=0, low_open=True)
             + range_problems("optim", self, ("beta1", "beta2"), low=0, high=1, high_open=True)
             + range_problems("optim", self, ["min_lr_ratio"], low=0, high=1)
             + range_problems("optim", self, ["grad_accum"], low=1)

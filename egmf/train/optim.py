@@ -1,7 +1,9 @@
 """Optimizer parameter groups and the learning-rate schedule.
 
 Four groups at most: fusion and LoRA (each with its own learning rate), each
-split into decayed weights and undecayed norms/biases/1-d parameters. The
+split into decayed weights and undecayed norms/biases/1-d parameters. With
+`optim.gate_lr_ratio` other than 1 the level-2 gate's router is a part of its
+own (`gate`, `gate_no_decay`) at that fraction of the fusion learning rate. The
 schedule is a linear warm-up followed by a cosine decay to
 `min_lr_ratio * peak`; DeepSpeed steps it once per optimizer step and saves
 its state with each checkpoint.
@@ -27,7 +29,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "fusion" if name.startswith("fusion.") else "lora"
+        part = part_of(name, cfg)
         decayed = is_decayed(name, param)
         key = f"{part}{'' if decayed else '_no_decay'}"
         group = groups.setdefault(
@@ -35,7 +37,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             {
                 "name": key,
                 "params": [],
-                "lr": cfg.fusion_lr if part == "fusion" else cfg.lora_lr,
+                "lr": {"fusion": cfg.fusion_lr, "gate": cfg.fusion_lr * cfg.gate_lr_ratio, "lora": cfg.lora_lr}[part],
                 "weight_decay": cfg.weight_decay if decayed else 0.0,
             },
         )
@@ -43,6 +45,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     unexpected = [n for n, p in model.named_parameters() if p.requires_grad and not _known_part(n)]
     assert not unexpected, f"trainable parameters outside the fusion module and LoRA: {unexpected[:3]}"
     return list(groups.values())
+
+
+def part_of(name: str, cfg: OptimConfig) -> str:
+    if name.startswith("fusion.gate.") and cfg.gate_lr_ratio != 1.0:
+        return "gate"
+    return "fusion" if name.startswith("fusion.") else "lora"
 
 
 def _known_part(name: str) -> bool:

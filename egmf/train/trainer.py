@@ -45,6 +45,7 @@ from egmf.train.evaluation import (
     selection_score,
     write_evaluation,
 )
+from egmf.train.gate_watch import DEAD_WINDOWS, MERGED_SPREAD, dataset_gates, newly_merged, pair_spreads
 from egmf.train.init_from import init_from_saved
 from egmf.train.optim import build_optimizer, build_scheduler, param_groups
 from egmf.train.preflight import feature_dims, feature_stats, splits_read
@@ -81,6 +82,10 @@ class RunState:
     """Logging windows in a row in which one expert held more than COLLAPSE_WEIGHT of the level-2 gate."""
     gate_history: list = field(default_factory=list)
     """[step, {dataset: {expert: mean weight}}] of each evaluation on eval.select_split (for the gate plot)."""
+    gate_pairs_apart: list = field(default_factory=list)
+    """Pairs of datasets ("A & B") the level-2 gate has told apart (egmf/train/gate_watch.py)."""
+    gate_merged_windows: dict = field(default_factory=dict)
+    """Logging windows in a row in which each told-apart pair got the same gate."""
 
 
 def build_model(cfg: Config, device: torch.device, resuming: bool = False) -> EGMFModel:
@@ -439,6 +444,7 @@ class Trainer:
             metrics["data/bad_samples"] = self.loader.bad_samples
         self.tracker.log_metrics(metrics, self.state.step)
         self.watch_gate_collapse(metrics)
+        self.watch_dead_gate(metrics)
         summary = {
             # a window whose every micro-batch was skipped has no loss
             "loss": f"{metrics['train/loss']:.4f}" if "train/loss" in metrics else "- (all skipped)",
@@ -483,6 +489,24 @@ class Trainer:
         )
         logger.warning("step %d: %s", self.state.step, message)
         self.tracker.set_tags({"gate_collapse": f"{expert} {weight:.3f} at step {self.state.step}: {message}"})
+
+    def watch_dead_gate(self, metrics: dict[str, float]) -> None:
+        """Warn and tag the run when datasets the level-2 gate had told apart get the same gate for several windows:
+        its output no longer depends on the input (egmf/train/gate_watch.py)."""
+        spreads = pair_spreads(dataset_gates(metrics, self.expert_names))
+        merged = newly_merged(spreads, self.state.gate_pairs_apart, self.state.gate_merged_windows)
+        if not merged or not self.world.is_logging_rank:
+            return
+        message = (
+            f"the level-2 gate gives {', '.join(merged)} the same weights (within {MERGED_SPREAD} on every expert) "
+            f"for {DEAD_WINDOWS} logging windows after it had told them apart: its output no longer depends on the "
+            f"input (a dead router: every hidden unit negative for every sample), and those datasets will keep one "
+            f"mix of the experts. Set fusion.gate_router = 'norm_mlp' (now '{self.cfg.fusion.gate_router}'), which "
+            f"normalises the router's input, or slow the gate with optim.gate_lr_ratio below 1 (now "
+            f"{self.cfg.optim.gate_lr_ratio}); docs/model.md"
+        )
+        logger.warning("step %d: %s", self.state.step, message)
+        self.tracker.set_tags({"gate_dead": f"{'; '.join(merged)} at step {self.state.step}: {message}"})
 
     # ---- evaluation ----------------------------------------------------------------------------
 
