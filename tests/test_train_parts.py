@@ -391,11 +391,8 @@ def test_ranges_are_reported_in_one_format():
     assert range_problems("eval", OptimConfig(), ["clip_grad"], high=0.5) == ["eval.clip_grad must be <= 0.5, got 1.0"]
 
 
-def test_a_collapsed_gate_is_warned_about_once_and_tagged(caplog):
-    """One expert above 0.95 for three logging windows in a row: a warning that says what it means and what to
-    change, and a run tag; a window below the line starts the count again."""
-    import logging
-
+def tagging_trainer():
+    """A trainer (not started) with the three experts, whose tracker keeps the tags it is given."""
     from egmf.tracking import NullTracker
     from egmf.train.trainer import Trainer
 
@@ -408,6 +405,15 @@ def test_a_collapsed_gate_is_warned_about_once_and_tagged(caplog):
 
     trainer = Trainer(load_config(), {}, WorldInfo(0, 0, 1), torch.device("cpu"))
     trainer.tracker, trainer.expert_names = Tags(), ["local", "semantic", "global"]
+    return trainer
+
+
+def test_a_collapsed_gate_is_warned_about_once_and_tagged(caplog):
+    """One expert above 0.95 for three logging windows in a row: a warning that says what it means and what to
+    change, and a run tag; a window below the line starts the count again."""
+    import logging
+
+    trainer = tagging_trainer()
     collapsed = {"gate/local": 0.97, "gate/semantic": 0.02, "gate/global": 0.01}
     balanced = {"gate/local": 0.5, "gate/semantic": 0.3, "gate/global": 0.2}
     with caplog.at_level(logging.WARNING, logger="egmf.train"):
@@ -455,18 +461,7 @@ def test_the_gate_watch_finds_datasets_merged_after_they_were_told_apart():
 def test_a_dead_gate_is_warned_about_and_tagged(caplog):
     import logging
 
-    from egmf.tracking import NullTracker
-    from egmf.train.trainer import Trainer
-
-    class Tags(NullTracker):
-        def __init__(self):
-            self.tags = {}
-
-        def set_tags(self, tags):
-            self.tags.update(tags)
-
-    trainer = Trainer(load_config(), {}, WorldInfo(0, 0, 1), torch.device("cpu"))
-    trainer.tracker, trainer.expert_names = Tags(), ["local", "semantic", "global"]
+    trainer = tagging_trainer()
     with caplog.at_level(logging.WARNING, logger="egmf.train"):
         trainer.watch_dead_gate(gate_window(a=(0.6, 0.2, 0.2), b=(0.2, 0.6, 0.2)))
         for _ in range(3):
