@@ -1,9 +1,9 @@
 """Optimizer parameter groups and the learning-rate schedule.
 
-Four groups at most: fusion and LoRA (each with its own learning rate), each
-split into decayed weights and undecayed norms/biases/1-d parameters. With
-`optim.gate_lr_ratio` other than 1 the level-2 gate's router is a part of its
-own (`gate`, `gate_no_decay`) at that fraction of the fusion learning rate. The
+Fusion and LoRA (each with its own learning rate), each split into decayed
+weights and undecayed norms/biases/1-d parameters. With `optim.gate_lr_ratio`
+other than 1 the level-2 gate's router is a third part (`gate`, `gate_no_decay`)
+at that fraction of the fusion learning rate. The
 schedule is a linear warm-up followed by a cosine decay to
 `min_lr_ratio * peak`; DeepSpeed steps it once per optimizer step and saves
 its state with each checkpoint.
@@ -48,6 +48,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def part_of(name: str, cfg: OptimConfig) -> str:
+    """fusion, gate or lora: which learning rate a trainable parameter gets."""
     if name.startswith("fusion.gate.") and cfg.gate_lr_ratio != 1.0:
         return "gate"
     return "fusion" if name.startswith("fusion.") else "lora"
