@@ -487,8 +487,7 @@ class Trainer:
             f"fusion.gate_warmup_ratio (now {fusion.gate_warmup_ratio}); gate/DATASET/EXPERT in MLflow shows which "
             f"datasets collapsed"
         )
-        logger.warning("step %d: %s", self.state.step, message)
-        self.tracker.set_tags({"gate_collapse": f"{expert} {weight:.3f} at step {self.state.step}: {message}"})
+        self.warn_and_tag("gate_collapse", f"{expert} {weight:.3f}", message)
 
     def watch_dead_gate(self, metrics: dict[str, float]) -> None:
         """Warn and tag the run when datasets the level-2 gate had told apart get the same gate for several windows:
@@ -505,8 +504,12 @@ class Trainer:
             f"normalises the router's input, or slow the gate with optim.gate_lr_ratio below 1 (now "
             f"{self.cfg.optim.gate_lr_ratio}); docs/model.md"
         )
+        self.warn_and_tag("gate_dead", "; ".join(merged), message)
+
+    def warn_and_tag(self, tag: str, what: str, message: str) -> None:
+        """Log a gate warning and keep it on the run as tag `tag` ("WHAT at step N: MESSAGE")."""
         logger.warning("step %d: %s", self.state.step, message)
-        self.tracker.set_tags({"gate_dead": f"{'; '.join(merged)} at step {self.state.step}: {message}"})
+        self.tracker.set_tags({tag: f"{what} at step {self.state.step}: {message}"})
 
     # ---- evaluation ----------------------------------------------------------------------------
 
