@@ -61,6 +61,20 @@ def test_a_run_starts_from_the_saved_weights_and_new_sets_get_new_front_ends(one
 
 
 @pytest.mark.slow
+def test_the_adapter_can_start_new_while_the_fusion_weights_are_taken(one_set_best, train_shards, tiny_llm):
+    fresh = build_model(config(train_shards, tiny_llm, "--train.seed=3"), CPU)
+    start = [f"--train.init_from={one_set_best}", "--train.init_from_adapter=false"]
+    model = build_model(config(train_shards, tiny_llm, "--train.seed=3", *start), CPU)
+    saved = load_file(os.path.join(one_set_best, "fusion.safetensors"))
+    own = model.fusion.state_dict()
+    assert all(torch.equal(own[k], saved[k]) for k in saved if k != "gate.usage")
+    adapter, new = get_peft_model_state_dict(model.llm), get_peft_model_state_dict(fresh.llm)
+    trained = load_file(os.path.join(one_set_best, "adapter", "adapter_model.safetensors"))
+    assert all(torch.equal(adapter[k], new[k]) for k in new)  # as a fresh run's: B = 0, the base model's answers
+    assert any(not torch.equal(adapter[k], trained[k]) for k in trained)
+
+
+@pytest.mark.slow
 def test_a_saved_model_that_does_not_fit_is_refused_with_the_setting_to_change(one_set_best, train_shards, tiny_llm):
     start = f"--train.init_from={one_set_best}"
     with pytest.raises(ConfigError, match=r"another shape.*fusion config \(width"):

@@ -89,6 +89,9 @@ class TrainConfig:
     """A trained model (a checkpoint, a run's best/ folder, an egmf-export package) whose LoRA adapter and fusion
     weights a new run starts from; datasets it did not train get new front ends, and the optimizer, schedule and
     data start new (docs/training.md). A run that resumes takes its weights from its checkpoint instead."""
+    init_from_adapter: bool = True
+    """Take train.init_from's LoRA adapter too (false: the adapter starts new, as in a fresh run, so the LLM answers
+    as the base model at the first step; the fusion weights are still taken)."""
     collective_timeout_s: int = 1800
     """A collective waiting longer than this fails the rank (a dead or hung peer becomes an error, not a hang).
     It must exceed the longest time ranks can drift apart: a checkpoint save, an evaluation pass."""

@@ -6,9 +6,9 @@ first phase taught the model one set before the mix.
 The folder is anything `egmf-evaluate` reads (a checkpoint, a run's best/ folder, an egmf-export package). The
 LoRA adapter and the fusion module's shared weights must fit the new model exactly. A dataset's own front end
 (audio_front.NAME, vision_front.NAME, with its standardisation statistics) comes from the saved model when both
-train that dataset and starts new otherwise. The level-2 gate's per-dataset usage (a running mean that the
-balance loss reads) starts uniform. The optimizer, the schedule and the data position start new: this is not a
-resume.
+train that dataset and starts new otherwise. The adapter may be left out (`train.init_from_adapter = false`): it
+then starts new, as in a fresh run. The level-2 gate's per-dataset usage (a running mean that the balance loss
+reads) starts uniform. The optimizer, the schedule and the data position start new: this is not a resume.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ def front_end_name(key: str) -> str | None:
     return None
 
 
-def init_from_saved(model: EGMFModel, folder: str) -> dict[str, list[str]]:
-    """Load the saved weights into `model`; returns the front ends taken and started new ({"loaded": [...],
-    "new": [...]}) for the run's log."""
+def init_from_saved(model: EGMFModel, folder: str, adapter: bool = True) -> dict[str, list[str]]:
+    """Load the saved weights into `model` (the LoRA adapter only if `adapter`); returns the front ends taken and
+    started new ({"loaded": [...], "new": [...]}) for the run's log."""
     _, weights = saved_weights(folder)
-    load_adapter(model, folder, weights)
+    if adapter:
+        load_adapter(model, folder, weights)
     if model.fusion is None:
         return {"loaded": [], "new": []}
     path = os.path.join(weights, FUSION_WEIGHTS)

@@ -94,10 +94,11 @@ def build_model(cfg: Config, device: torch.device, resuming: bool = False) -> EG
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = EGMFModel.build(cfg.fusion, cfg.prompt, cfg.llm, cfg.lora, feature_dims(cfg), device, feature_stats(cfg))
     if cfg.train.init_from and not resuming:
-        fronts = init_from_saved(model, cfg.train.init_from)
+        fronts = init_from_saved(model, cfg.train.init_from, adapter=cfg.train.init_from_adapter)
         logger.info(
-            "weights from %s (front ends taken: %s; new: %s)",
+            "weights from %s (LoRA adapter %s; front ends taken: %s; new: %s)",
             cfg.train.init_from,
+            "taken" if cfg.train.init_from_adapter else "new",
             ", ".join(fronts["loaded"]) or "none",
             ", ".join(fronts["new"]) or "none",
         )
