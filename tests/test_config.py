@@ -86,6 +86,13 @@ def test_the_score_read_names_score_sets_that_train():
     assert "'mosei' does not train (data.train has no such dataset)" in str(info.value)
 
 
+def test_a_new_adapter_without_a_saved_model_is_refused():
+    with pytest.raises(ConfigError, match="train.init_from_adapter = false only applies with train.init_from"):
+        load_config(None, ["--train.init_from_adapter=false"])
+    both = load_config(None, ["--train.init_from=runs/a/best", "--train.init_from_adapter=false"])
+    assert both.train.init_from == "runs/a/best" and not both.train.init_from_adapter
+
+
 def test_bad_recipes_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "none.toml"))

@@ -105,6 +105,8 @@ class TrainConfig:
             found.append(f"train.device {self.device!r} is not one of auto, cuda, cpu")
         if not self.output_dir:
             found.append("train.output_dir must name a folder")
+        if not self.init_from_adapter and not self.init_from:
+            found.append("train.init_from_adapter = false only applies with train.init_from: set both, or neither")
         return found
 
 
