@@ -3,10 +3,15 @@
     python bench/ablations.py                                  # every variant, the demo recipe's schedule
     python bench/ablations.py --variants full,no_local --steps 400 --work-dir /tmp/ablations
     python bench/ablations.py --jobs 2                         # two variants at a time, the cores split between them
+    python bench/ablations.py --two-phase --variants full,no_global --steps 3000   # the two-phase demo, five sets
     (the same command again reuses every variant already trained in --work-dir with the same settings)
 
 Each variant is `launch/train.py` on the embedded demo recipe (one CPU
-process) with a few overrides, the same data, seed and steps. The scores are
+process) with a few overrides, the same data, seed and steps. With --two-phase
+each variant trains the two-phase demo instead: launch/recipes/demo-first.toml
+(the look-up set demo_key_en alone), then demo-phased.toml from its model (all
+five sets), both with the variant's overrides; --steps is the second phase's,
+the table shows the second phase's model and the time of both. The scores are
 those of the final model on the test splits, constrained decoding; no
 checkpoint is selected, so no variant profits from a lucky evaluation. Each
 demo set is designed to need one expert (egmf/shards/demo.py), so removing that
@@ -31,11 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from results import add_json_argument, comma_list, write_results
 
 from egmf.atomic import write_json
-from egmf.datasets import DEMO_DATASETS as DATASETS
+from egmf.datasets import DEMO_DATASETS, get_spec
 from egmf.demo_assets import build_demo_assets
 from egmf.shards.demo import DESIGNED_FOR
+from egmf.train.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRST_RECIPE = "launch/recipes/demo-first.toml"
+PHASED_RECIPE = "launch/recipes/demo-phased.toml"
 GATE_OFF = [
     "--fusion.balance_coef=0",
     "--fusion.z_loss_coef=0",
@@ -61,36 +69,61 @@ VARIANTS = {
 VARIANT_RECORD = "ablation_variant.json"
 """Written beside a variant's run once it finished: its command and training time, so a rerun with --work-dir
 reuses it instead of training again."""
-HEADLINE = {"demo_cls_en": "wf1", "demo_cls_zh": "wf1", "demo_reg_en": "mae", "demo_reg_zh": "mae"}
+
+
+def headline(dataset: str) -> str:
+    """The metric a set is tabled by: weighted F1 for a class set, MAE for a score set."""
+    return "wf1" if get_spec(dataset).labels else "mae"
+
+
+def bench_datasets(two_phase: bool) -> tuple[str, ...]:
+    """The sets the variants train and are scored on: the demo mix, or the two-phase demo's second phase's."""
+    return tuple(load_config(os.path.join(REPO, PHASED_RECIPE), []).data.eval) if two_phase else DEMO_DATASETS
 
 
 def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse.Namespace) -> dict:
     out = os.path.join(work_dir, name)
-    command = [sys.executable, "launch/train.py", f"--train.output_dir={out}", f"--train.steps={args.steps}"]
-    command += [f"--data.root={work_dir}/shards", f"--llm.path={work_dir}/tiny-llm", "--train.log_every=50"]
-    command += ["--eval.every=0", "--eval.splits=['test']", "--eval.select_split=test", "--eval.modes=['constrained']"]
-    command += ["--checkpoint.every=0", "--mlflow.system_metrics=false", f"--data.num_workers={args.num_workers}"]
-    command += [f"--train.seed={args.seed}", f"--data.seed={args.seed}", *args.override, *overrides]
-    code = code_fingerprint()
-    seconds = finished_seconds(out, command, code)
-    if seconds is None:  # not trained yet with this command and code: train it (a rerun reuses the finished ones)
-        shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=variant_env(args.jobs))
-        if done.returncode != 0:
-            raise RuntimeError(f"variant {name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        seconds = time.perf_counter() - start
-        write_json(os.path.join(out, VARIANT_RECORD), {"command": command, "code": code, "seconds": seconds})
+    shared = [f"--data.root={work_dir}/shards", f"--llm.path={work_dir}/tiny-llm", "--train.log_every=50"]
+    shared += ["--eval.every=0", "--eval.splits=['test']", "--eval.select_split=test", "--eval.modes=['constrained']"]
+    shared += ["--checkpoint.every=0", "--mlflow.system_metrics=false", f"--data.num_workers={args.num_workers}"]
+    shared += [f"--train.seed={args.seed}", f"--data.seed={args.seed}", *args.override, *overrides]
+    if args.two_phase:
+        first, out = os.path.join(out, "first"), os.path.join(out, "second")
+        first_steps = [f"--train.steps={args.first_steps}"] if args.first_steps else []
+        seconds = train_once(first, ["--config", FIRST_RECIPE, *first_steps, *shared], name, args.jobs)
+        phased = ["--config", PHASED_RECIPE, f"--train.init_from={first}/best", f"--train.steps={args.steps}"]
+        seconds += train_once(out, [*phased, *shared], name, args.jobs)
+    else:
+        seconds = train_once(out, [f"--train.steps={args.steps}", *shared], name, args.jobs)
     with open(os.path.join(out, "final_metrics.json")) as f:
         metrics = json.load(f)["last"]
     with open(os.path.join(out, "predictions", "final", "test.jsonl")) as f:
         rows = [json.loads(line) for line in f]
+    datasets = bench_datasets(args.two_phase)
     return {
         "variant": name,
         "seconds": seconds,
-        "scores": {d: metrics.get(f"eval/test/{d}/constrained/{HEADLINE[d]}") for d in DATASETS},  # None: not evaluated
-        "gates": designed_gates(rows),
+        # None: not evaluated
+        "scores": {d: metrics.get(f"eval/test/{d}/constrained/{headline(d)}") for d in datasets},
+        "gates": designed_gates(rows, datasets),
     }
+
+
+def train_once(out: str, train_args: list[str], name: str, jobs: int) -> float:
+    """Train one run into `out` (its training time), or reuse it: a run finished there with the same command and
+    code is not trained again."""
+    command = [sys.executable, "launch/train.py", f"--train.output_dir={out}", *train_args]
+    code = code_fingerprint()
+    seconds = finished_seconds(out, command, code)
+    if seconds is None:
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=variant_env(jobs))
+        if done.returncode != 0:
+            raise RuntimeError(f"variant {name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        seconds = time.perf_counter() - start
+        write_json(os.path.join(out, VARIANT_RECORD), {"command": command, "code": code, "seconds": seconds})
+    return seconds
 
 
 def variant_env(jobs: int) -> dict[str, str]:
@@ -127,29 +160,31 @@ def finished_seconds(out: str, command: list[str], code: str) -> float | None:
     return record["seconds"] if record.get("command") == command and record.get("code") == code else None
 
 
-def designed_gates(rows: list[dict]) -> dict[str, dict[str, float]]:
+def designed_gates(rows: list[dict], datasets: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """{dataset: {expert: mean level-2 weight on its test split}}; {} without a learned fusion."""
     gates: dict[str, dict[str, float]] = {}
-    for dataset in DATASETS:
+    for dataset in datasets:
         weights = [r["gate"] for r in rows if r["dataset"] == dataset and r["gate"]]
         if weights:
             gates[dataset] = {e: sum(w[e] for w in weights) / len(weights) for e in weights[0]}
     return gates
 
 
-def format_table(rows: list[dict], steps: int) -> str:
+def format_table(rows: list[dict], steps: int, datasets: tuple[str, ...], two_phase: bool) -> str:
+    designed = [d for d in datasets if DESIGNED_FOR[d] != "all"]  # a set that needs every expert has no one gate
+    short = ", ".join(d.removeprefix("demo_") for d in designed)
+    phase = " (the two-phase demo's second phase)" if two_phase else ""
     lines = [
-        f"{steps} steps, one CPU process, final model, test splits (128 samples each), constrained decoding",
+        f"{steps} steps{phase}, one CPU process, final model, test splits, constrained decoding",
         "| variant | "
-        + " | ".join(f"{d} {HEADLINE[d]} ({DESIGNED_FOR[d]})" for d in DATASETS)
-        + " | designed expert's gate (cls_en, cls_zh, reg_en) | time |",
-        "|---|" + "---|" * len(DATASETS) + "---|---|",
+        + " | ".join(f"{d} {headline(d)} ({DESIGNED_FOR[d]})" for d in datasets)
+        + f" | designed expert's gate ({short}) | time |",
+        "|---|" + "---|" * len(datasets) + "---|---|",
     ]
     for row in rows:
-        scores = " | ".join("-" if row["scores"][d] is None else f"{row['scores'][d]:.3f}" for d in DATASETS)
+        scores = " | ".join("-" if row["scores"][d] is None else f"{row['scores'][d]:.3f}" for d in datasets)
         gates = ", ".join(
-            f"{row['gates'][d].get(DESIGNED_FOR[d], float('nan')):.2f}" if d in row["gates"] else "-"
-            for d in DATASETS[:3]
+            f"{row['gates'][d].get(DESIGNED_FOR[d], float('nan')):.2f}" if d in row["gates"] else "-" for d in designed
         )
         lines.append(f"| {row['variant']} | {scores} | {gates} | {row['seconds']:.0f} s |")
     return "\n".join(lines)
@@ -158,7 +193,9 @@ def format_table(rows: list[dict], steps: int) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    parser.add_argument("--steps", type=int, default=1600, help="optimizer steps per variant")
+    parser.add_argument("--steps", type=int, default=1600, help="optimizer steps per variant (two-phase: the second's)")
+    parser.add_argument("--two-phase", action="store_true", help="train the two-phase demo (five sets) per variant")
+    parser.add_argument("--first-steps", type=int, help="the first phase's steps (default: its recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at the same time (the cores are split)")
@@ -169,7 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = comma_list(parser, args.variants, VARIANTS, "variants")
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or scratch
-        splits = [(d, s) for d in DATASETS for s in ("train", "valid", "test")]
+        datasets = bench_datasets(args.two_phase)
+        splits = [(d, s) for d in datasets for s in ("train", "valid", "test")]
         build_demo_assets(os.path.join(work_dir, "shards"), splits, os.path.join(work_dir, "tiny-llm"))
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             running = [pool.submit(train_variant, name, VARIANTS[name], work_dir, args) for name in names]
@@ -177,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for future in running:  # in the order asked for, whichever finishes first
                 rows.append(future.result())
                 print(f"{rows[-1]['variant']}: {rows[-1]['scores']} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
-    print(format_table(rows, args.steps))
+    print(format_table(rows, args.steps, datasets, args.two_phase))
     write_results(args.json, rows)
     return rows
 

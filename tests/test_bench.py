@@ -183,6 +183,29 @@ def test_ablations_bench_tables_a_run_evaluated_on_one_set(tmp_path):
     assert row.split(" | ")[1:4] == ["-", "-", f"{scores['demo_reg_en']:.3f}"], row
 
 
+def test_ablations_bench_trains_the_two_phase_demo_per_variant(tmp_path):
+    """--two-phase: each variant trains the look-up set alone, then all five sets from that model, both phases with
+    the variant's overrides; the table scores the five sets and shows the look-up's designed (global) expert."""
+    work = tmp_path / "work"
+    args = ["--two-phase", "--variants", "full,no_global", "--first-steps", "2", "--steps", "2"]
+    args += ["--work-dir", str(work)]
+    out, rows = run_bench("ablations.py", args, tmp_path, timeout=900)
+    five = {"demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh", "demo_key_en"}
+    assert [r["variant"] for r in rows] == ["full", "no_global"]
+    assert all(set(r["scores"]) == five and all(0 <= v <= 6 for v in r["scores"].values()) for r in rows), rows
+    assert set(rows[0]["gates"]["demo_key_en"]) == {"local", "semantic", "global"}
+    assert set(rows[1]["gates"]["demo_key_en"]) == {"local", "semantic"}
+    for variant, experts in (("full", ["local", "semantic", "global"]), ("no_global", ["local", "semantic"])):
+        first = json.loads((work / variant / "first" / "config.json").read_text())
+        second = json.loads((work / variant / "second" / "config.json").read_text())
+        assert first["data"]["train"] == {"demo_key_en": 1.0} and first["train"]["steps"] == 2
+        assert second["train"]["init_from"] == str(work / variant / "first" / "best")
+        assert set(second["data"]["train"]) == five
+        assert first["fusion"]["experts"] == second["fusion"]["experts"] == experts
+    assert "demo_key_en mae (global)" in out and "designed expert's gate (cls_en, cls_zh, reg_en, key_en)" in out
+    assert "(the two-phase demo's second phase)" in out
+
+
 def test_ablations_reuse_a_finished_variant_only_for_the_same_command_and_code(tmp_path, monkeypatch):
     """A variant trained before the model, the demo or a recipe changed is trained again, never reported as
     today's (the command alone does not show a change of code or of the recipe it leaves implicit)."""
