@@ -81,7 +81,9 @@ def bench_datasets(two_phase: bool) -> tuple[str, ...]:
     return tuple(load_config(os.path.join(REPO, PHASED_RECIPE), []).data.eval) if two_phase else DEMO_DATASETS
 
 
-def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse.Namespace) -> dict:
+def train_variant(
+    name: str, overrides: list[str], work_dir: str, datasets: tuple[str, ...], args: argparse.Namespace
+) -> dict:
     out = os.path.join(work_dir, name)
     shared = [f"--data.root={work_dir}/shards", f"--llm.path={work_dir}/tiny-llm", "--train.log_every=50"]
     shared += ["--eval.every=0", "--eval.splits=['test']", "--eval.select_split=test", "--eval.modes=['constrained']"]
@@ -99,7 +101,6 @@ def train_variant(name: str, overrides: list[str], work_dir: str, args: argparse
         metrics = json.load(f)["last"]
     with open(os.path.join(out, "predictions", "final", "test.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    datasets = bench_datasets(args.two_phase)
     return {
         "variant": name,
         "seconds": seconds,
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         splits = [(d, s) for d in datasets for s in ("train", "valid", "test")]
         build_demo_assets(os.path.join(work_dir, "shards"), splits, os.path.join(work_dir, "tiny-llm"))
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            running = [pool.submit(train_variant, name, VARIANTS[name], work_dir, args) for name in names]
+            running = [pool.submit(train_variant, name, VARIANTS[name], work_dir, datasets, args) for name in names]
             rows = []
             for future in running:  # in the order asked for, whichever finishes first
                 rows.append(future.result())
