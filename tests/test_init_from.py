@@ -103,6 +103,27 @@ def test_a_front_end_trained_on_other_feature_dimensions_is_refused(one_set_best
         build_model(config(train_shards, tiny_llm, f"--train.init_from={other}"), CPU)
 
 
+@pytest.mark.slow
+def test_the_score_read_is_taken_left_out_or_started_new(one_set_best, train_shards, tiny_llm, tmp_path):
+    """A first phase trained with the score read can start a second without it, and the other way round."""
+    read = ["--fusion.score_read_coef=1.0", "--train.seed=3"]
+    fresh = build_model(config(train_shards, tiny_llm, *read), CPU).fusion.state_dict()
+    model = build_model(config(train_shards, tiny_llm, *read, f"--train.init_from={one_set_best}"), CPU)
+    own = model.fusion.state_dict()
+    assert {"score_read.weight", "score_read.bias"} <= own.keys()  # the saved model had none: as initialised
+    assert all(torch.equal(own[k], fresh[k]) for k in ("score_read.weight", "score_read.bias"))
+
+    with_read = shutil.copytree(one_set_best, tmp_path / "best")
+    state = load_file(with_read / "fusion.safetensors")
+    state |= {"score_read.weight": torch.full_like(own["score_read.weight"], 0.5), "score_read.bias": torch.ones(1)}
+    save_file(state, with_read / "fusion.safetensors")
+    taken = build_model(config(train_shards, tiny_llm, *read, f"--train.init_from={with_read}"), CPU)
+    assert torch.equal(taken.fusion.state_dict()["score_read.bias"], torch.ones(1))
+    dropped = build_model(config(train_shards, tiny_llm, f"--train.init_from={with_read}"), CPU).fusion.state_dict()
+    assert "score_read.weight" not in dropped  # a run without the read leaves it out, and takes the rest
+    assert all(torch.equal(dropped[k], state[k]) for k in dropped if k in state and k != "gate.usage")
+
+
 def test_preflight_names_a_folder_that_holds_no_saved_model(train_shards, tiny_llm, tmp_path):
     cfg = config(train_shards, tiny_llm, f"--train.output_dir={tmp_path / 'out'}", f"--train.init_from={tmp_path}")
     with pytest.raises(ConfigError, match=rf"train.init_from: {tmp_path} is neither a checkpoint"):

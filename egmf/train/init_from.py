@@ -25,6 +25,10 @@ PER_DATASET = ("audio_front.", "vision_front.")
 """Fusion weights that belong to one dataset (or one shared front-end group): PREFIX + NAME + '.' + tensor."""
 RESTARTED = ("gate.usage",)
 """Fusion buffers that start new in every run: their shape follows the run's dataset list."""
+TEACHING = ("score_read.",)
+"""Fusion weights that only teach in training (the score read, fusion.score_read_coef): taken when both models have
+them, left out when the new run has none, new when the saved model had none. A first phase may need the read to
+learn a relation that a second phase, without it, keeps."""
 
 
 def front_end_name(key: str) -> str | None:
@@ -33,6 +37,11 @@ def front_end_name(key: str) -> str | None:
         if key.startswith(prefix):
             return key.removeprefix(prefix).split(".", 1)[0]
     return None
+
+
+def must_fit(key: str) -> bool:
+    """A fusion weight that both models must have, of the same shape: shared, kept from run to run, not teaching."""
+    return front_end_name(key) is None and key not in RESTARTED and not key.startswith(TEACHING)
 
 
 def init_from_saved(model: EGMFModel, folder: str, adapter: bool = True) -> dict[str, list[str]]:
@@ -51,8 +60,8 @@ def init_from_saved(model: EGMFModel, folder: str, adapter: bool = True) -> dict
         )
     saved = load_file(path, device=str(model.device))
     own = model.fusion.state_dict()
-    shared_saved = {k: v for k, v in saved.items() if front_end_name(k) is None and k not in RESTARTED}
-    shared_own = {k: v for k, v in own.items() if front_end_name(k) is None and k not in RESTARTED}
+    shared_saved = {k: v for k, v in saved.items() if must_fit(k)}
+    shared_own = {k: v for k, v in own.items() if must_fit(k)}
     check_fusion_weights(path, shared_saved, shared_own.keys())
     reshaped = [k for k, v in shared_saved.items() if v.shape != shared_own[k].shape]
     if reshaped:
