@@ -4,11 +4,13 @@
     python bench/ablations.py --variants full,no_local --steps 400 --work-dir /tmp/ablations
     python bench/ablations.py --jobs 2                         # two variants at a time, the cores split between them
     python bench/ablations.py --two-phase --variants full,no_global --steps 3000   # the two-phase demo, five sets
+    python bench/ablations.py --two-phase --ranks 2 --seed 1   # each run on 2 DeepSpeed ranks, as the recipes run
     (the same command again reuses every variant already trained in --work-dir with the same settings)
 
 Each variant is `launch/train.py` on the embedded demo recipe (one CPU
-process) with a few overrides, the same data, seed and steps. With --two-phase
-each variant trains the two-phase demo instead: launch/recipes/demo-first.toml
+process, or --ranks CPU ranks under the DeepSpeed launcher) with a few
+overrides, the same data, seed and steps. With --two-phase each variant
+trains the two-phase demo instead: launch/recipes/demo-first.toml
 (the look-up set demo_key_en alone), then demo-phased.toml from its model (all
 five sets), both with the variant's overrides; --steps is the second phase's,
 the table shows the second phase's model and the time of both. The scores are
@@ -38,6 +40,7 @@ from results import add_json_argument, comma_list, write_results
 from egmf.atomic import write_json
 from egmf.datasets import DEMO_DATASETS, get_spec
 from egmf.demo_assets import build_demo_assets
+from egmf.distributed import free_port
 from egmf.shards.demo import DESIGNED_FOR
 from egmf.train.config import load_config
 
@@ -92,11 +95,11 @@ def train_variant(
     if args.two_phase:
         first, out = os.path.join(out, "first"), os.path.join(out, "second")
         first_steps = [f"--train.steps={args.first_steps}"] if args.first_steps else []
-        seconds = train_once(first, ["--config", FIRST_RECIPE, *first_steps, *shared], name, args.jobs)
+        seconds = train_once(first, ["--config", FIRST_RECIPE, *first_steps, *shared], name, args)
         phased = ["--config", PHASED_RECIPE, f"--train.init_from={first}/best", f"--train.steps={args.steps}"]
-        seconds += train_once(out, [*phased, *shared], name, args.jobs)
+        seconds += train_once(out, [*phased, *shared], name, args)
     else:
-        seconds = train_once(out, [f"--train.steps={args.steps}", *shared], name, args.jobs)
+        seconds = train_once(out, [f"--train.steps={args.steps}", *shared], name, args)
     with open(os.path.join(out, "final_metrics.json")) as f:
         metrics = json.load(f)["last"]
     with open(os.path.join(out, "predictions", "final", "test.jsonl")) as f:
@@ -110,16 +113,18 @@ def train_variant(
     }
 
 
-def train_once(out: str, train_args: list[str], name: str, jobs: int) -> float:
+def train_once(out: str, train_args: list[str], name: str, args: argparse.Namespace) -> float:
     """Train one run into `out` (its training time), or reuse it: a run finished there with the same command and
     code is not trained again."""
-    command = [sys.executable, "launch/train.py", f"--train.output_dir={out}", *train_args]
+    command = [*launcher(args.ranks), f"--train.output_dir={out}", *train_args]
     code = code_fingerprint()
     seconds = finished_seconds(out, command, code)
     if seconds is None:
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=variant_env(jobs))
+        port = ["--master_port", str(free_port())] if args.ranks > 1 else []  # not in the record: it changes per run
+        run = command[:1] + port + command[1:]
+        done = subprocess.run(run, cwd=REPO, capture_output=True, text=True, env=variant_env(args.jobs * args.ranks))
         if done.returncode != 0:
             raise RuntimeError(f"variant {name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         seconds = time.perf_counter() - start
@@ -127,12 +132,20 @@ def train_once(out: str, train_args: list[str], name: str, jobs: int) -> float:
     return seconds
 
 
-def variant_env(jobs: int) -> dict[str, str]:
-    """With several variants training at once, each takes its share of the cores: torch's default (every core per
+def launcher(ranks: int) -> list[str]:
+    """One process, or `ranks` CPU ranks under the DeepSpeed launcher with the ZeRO-2 config, as the recipes run."""
+    if ranks == 1:
+        return [sys.executable, "launch/train.py"]
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [deepspeed, "--num_gpus", str(ranks), "launch/train.py", "--deepspeed", "ds_configs/zero2.json"]
+
+
+def variant_env(processes: int) -> dict[str, str]:
+    """With several training processes at once, each takes its share of the cores: torch's default (every core per
     process) oversubscribes them and slows every run down many times over (docs/benchmarks.md)."""
     env = dict(os.environ)
-    if jobs > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    if processes > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     return env
 
 
@@ -171,12 +184,13 @@ def designed_gates(rows: list[dict], datasets: tuple[str, ...]) -> dict[str, dic
     return gates
 
 
-def format_table(rows: list[dict], steps: int, datasets: tuple[str, ...], two_phase: bool) -> str:
+def format_table(rows: list[dict], steps: int, datasets: tuple[str, ...], two_phase: bool, ranks: int) -> str:
     designed = [d for d in datasets if DESIGNED_FOR[d] != "all"]  # a set that needs every expert has no one gate
     short = ", ".join(d.removeprefix("demo_") for d in designed)
     phase = " (the two-phase demo's second phase)" if two_phase else ""
+    processes = "one CPU process" if ranks == 1 else f"{ranks} CPU ranks"
     lines = [
-        f"{steps} steps{phase}, one CPU process, final model, test splits, constrained decoding",
+        f"{steps} steps{phase}, {processes}, final model, test splits, constrained decoding",
         "| variant | "
         + " | ".join(f"{d} {headline(d)} ({DESIGNED_FOR[d]})" for d in datasets)
         + f" | designed expert's gate ({short}) | time |",
@@ -200,6 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at the same time (the cores are split)")
+    parser.add_argument("--ranks", type=int, default=1, help="DeepSpeed ranks per run (1: one plain process)")
     parser.add_argument("--work-dir", help="shards, tiny LLM and runs go here (default: a temporary folder)")
     parser.add_argument("--override", action="append", default=[], help="--section.key=value for every variant")
     add_json_argument(parser)
@@ -216,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for future in running:  # in the order asked for, whichever finishes first
                 rows.append(future.result())
                 print(f"{rows[-1]['variant']}: {rows[-1]['scores']} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
-    print(format_table(rows, args.steps, datasets, args.two_phase))
+    print(format_table(rows, args.steps, datasets, args.two_phase, args.ranks))
     write_results(args.json, rows)
     return rows
 

@@ -185,9 +185,10 @@ def test_ablations_bench_tables_a_run_evaluated_on_one_set(tmp_path):
 
 def test_ablations_bench_trains_the_two_phase_demo_per_variant(tmp_path):
     """--two-phase: each variant trains the look-up set alone, then all five sets from that model, both phases with
-    the variant's overrides; the table scores the five sets and shows the look-up's designed (global) expert."""
+    the variant's overrides (here on 2 DeepSpeed ranks each, as the recipes run); the table scores the five sets and
+    shows the look-up's designed (global) expert."""
     work = tmp_path / "work"
-    args = ["--two-phase", "--variants", "full,no_global", "--first-steps", "2", "--steps", "2"]
+    args = ["--two-phase", "--ranks", "2", "--variants", "full,no_global", "--first-steps", "2", "--steps", "2"]
     args += ["--work-dir", str(work)]
     out, rows = run_bench("ablations.py", args, tmp_path, timeout=900)
     five = {"demo_cls_en", "demo_cls_zh", "demo_reg_en", "demo_reg_zh", "demo_key_en"}
@@ -202,8 +203,10 @@ def test_ablations_bench_trains_the_two_phase_demo_per_variant(tmp_path):
         assert second["train"]["init_from"] == str(work / variant / "first" / "best")
         assert set(second["data"]["train"]) == five
         assert first["fusion"]["experts"] == second["fusion"]["experts"] == experts
+        for phase in ("first", "second"):  # 2 ranks of the recipe's 16 samples
+            assert json.loads((work / variant / phase / "ds_config.json").read_text())["train_batch_size"] == 32
     assert "demo_key_en mae (global)" in out and "designed expert's gate (cls_en, cls_zh, reg_en, key_en)" in out
-    assert "(the two-phase demo's second phase)" in out
+    assert "(the two-phase demo's second phase), 2 CPU ranks" in out
 
 
 def test_ablations_reuse_a_finished_variant_only_for_the_same_command_and_code(tmp_path, monkeypatch):
