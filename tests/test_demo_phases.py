@@ -1,4 +1,4 @@
-"""The two-phase demo run: launch/recipes/demo-first.toml (the look-up set alone, uniform gate) and
+"""The two-phase demo run: launch/recipes/demo-first.toml (the look-up set alone, uniform gate, the score read) and
 demo-phased.toml (all five demo sets, from the first phase's model). The second must accept what the first saves."""
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def test_the_second_phase_starts_from_the_first_and_differs_only_where_it_must()
     assert set(first.data.train) < set(phased.data.train) == set(ALL_DEMO_DATASETS)
     assert first.fusion.gating == "uniform" and phased.fusion.gating == "dynamic"
     assert phased.optim.gate_lr_ratio < 1 == first.optim.gate_lr_ratio
+    assert first.fusion.score_read_coef > 0 == phased.fusion.score_read_coef  # the read teaches the first phase only
     # Every other fusion and LoRA setting equal: the second phase would refuse the first's weights otherwise.
-    assert dataclasses.replace(first.fusion, gating="dynamic") == phased.fusion and first.lora == phased.lora
+    same = dataclasses.replace(first.fusion, gating="dynamic", score_read_coef=0.0)
+    assert same == phased.fusion and first.lora == phased.lora
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,9 @@ def test_the_second_phase_loads_the_first_phases_model_with_its_gate_still_unifo
     cfg = load_config(PHASED, [f"--data.root={five_sets}", f"--llm.path={tiny_llm}", f"--train.init_from={best}"])
     model = build_model(cfg, torch.device("cpu"))
     saved, own = load_file(os.path.join(best, "fusion.safetensors")), model.fusion.state_dict()
-    shared = [k for k in saved if not k.startswith("gate.usage")]
+    shared = [k for k in saved if not k.startswith(("gate.usage", "score_read."))]
     assert shared and all(torch.equal(own[k], saved[k]) for k in shared)
+    assert "score_read.weight" in saved and "score_read.weight" not in own  # trained in the first phase, left out
     assert any(k.startswith("audio_front.demo_key_en.") for k in shared)  # the look-up set's own front end, trained
     last = own["gate.score.2.weight"]  # never trained under the uniform gate: the second phase's gate starts uniform
     assert torch.count_nonzero(last) == 0 and torch.count_nonzero(own["gate.score.2.bias"]) == 0
