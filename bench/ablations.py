@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_json_argument(parser)
     args = parser.parse_args(argv)
     names = comma_list(parser, args.variants, VARIANTS, "variants")
+    if args.ranks < 1:
+        parser.error(f"--ranks {args.ranks}: give 1 (one plain process) or more (CPU ranks under DeepSpeed)")
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or scratch
         datasets = bench_datasets(args.two_phase)

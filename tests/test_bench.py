@@ -209,6 +209,16 @@ def test_ablations_bench_trains_the_two_phase_demo_per_variant(tmp_path):
     assert "(the two-phase demo's second phase), 2 CPU ranks" in out
 
 
+def test_ablations_refuse_fewer_than_one_rank_before_building_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import ablations
+
+    with pytest.raises(SystemExit) as exit_info:
+        ablations.main(["--ranks", "0", "--work-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--ranks 0: give 1 (one plain process) or more" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no shards, no tiny LLM
+
+
 def test_ablations_reuse_a_finished_variant_only_for_the_same_command_and_code(tmp_path, monkeypatch):
     """A variant trained before the model, the demo or a recipe changed is trained again, never reported as
     today's (the command alone does not show a change of code or of the recipe it leaves implicit)."""
