@@ -61,3 +61,15 @@ def test_the_second_phase_loads_the_first_phases_model_with_its_gate_still_unifo
     assert any(k.startswith("audio_front.demo_key_en.") for k in shared)  # the look-up set's own front end, trained
     last = own["gate.score.2.weight"]  # never trained under the uniform gate: the second phase's gate starts uniform
     assert torch.count_nonzero(last) == 0 and torch.count_nonzero(own["gate.score.2.bias"]) == 0
+
+
+def test_make_train_runs_the_first_phase_then_the_second_and_serves_the_seconds_store():
+    with open(os.path.join(REPO, "Makefile")) as f:
+        makefile = f.read()
+    target = makefile.split("\ntrain:", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip() for line in target.splitlines()[1:]]
+    configs = [c.split("--config ", 1)[1].split()[0] for c in commands]
+    assert configs == [os.path.relpath(FIRST, REPO), os.path.relpath(PHASED, REPO)]
+    assert all("--deepspeed ds_configs/zero2.json" in c for c in commands)
+    store = next(line for line in makefile.splitlines() if line.startswith("MLFLOW_STORE ?="))
+    assert store.split("?=")[1].strip() == os.path.join(load_config(PHASED).train.output_dir, "mlflow.db")
