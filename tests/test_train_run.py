@@ -36,8 +36,9 @@ def deepspeed_command(args: list[str], ranks: int = 2) -> list[str]:
     ]
 
 
-def deepspeed_train(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
-    done = subprocess.run(deepspeed_command(args, ranks), cwd=REPO, capture_output=True, text=True, timeout=900)
+def deepspeed_train(args: list[str], ranks: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = deepspeed_command(args, ranks)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
@@ -45,7 +46,10 @@ def deepspeed_train(args: list[str], ranks: int = 2) -> subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def two_rank_run(train_shards, tiny_llm, tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
     out = str(tmp_path_factory.mktemp("run") / "out")
-    return out, deepspeed_train(run_args(train_shards, tiny_llm, out))
+    # MLflow's system metrics monitor samples every 10 s by default: a fast machine finishes this run before the
+    # first sample, and test_mlflow_run_contents would find no system/ metric.
+    env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    return out, deepspeed_train(run_args(train_shards, tiny_llm, out), env=env)
 
 
 def test_checkpoint_files(two_rank_run):
